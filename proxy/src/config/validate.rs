@@ -1,0 +1,368 @@
+//! From the file's shape ([`ProxyConfig`]) to typed, checked values ([`Config`]).
+//!
+//! Every error names the field path (`listeners[1].backends[0].address`) and the bad value, so a
+//! typo is found without reading the source.
+
+use std::{collections::HashSet, net::SocketAddr, time::Duration};
+
+use serde::Serialize;
+
+use super::{ConfigDuration, ConfigError, LoadBalancing, Protocol, ProxyConfig, schema};
+
+/// Default for `limits.maxConnections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Upper bound for `limits.maxConnections`.
+pub const MAX_MAX_CONNECTIONS: u32 = 1_000_000;
+/// Default for `limits.connectTimeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(5);
+/// Default for `limits.idleTimeout` on TCP listeners.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(300);
+/// Default for `limits.ejectionCooldown`.
+pub const DEFAULT_EJECTION_COOLDOWN: ConfigDuration = ConfigDuration::from_secs(5);
+/// Largest backend weight.
+pub const MAX_WEIGHT: u32 = 256;
+/// Most backends one listener may have (the balancers scan them per pick).
+pub const MAX_BACKENDS: usize = 1024;
+/// How long resolving one backend host name may take at load time.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A checked config: every address parsed, every default filled in, every host name resolved.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    pub admin: Option<SocketAddr>,
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// A checked listener.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerConfig {
+    pub name: String,
+    pub protocol: Protocol,
+    pub address: SocketAddr,
+    pub load_balancing: LoadBalancing,
+    pub backends: Vec<BackendConfig>,
+    pub limits: EffectiveLimits,
+}
+
+/// A checked backend.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendConfig {
+    /// As written in the config; the backend's identity in metrics, hashing and health.
+    pub address: String,
+    pub weight: u32,
+    /// The addresses it resolved to when the config was loaded.
+    pub resolved: Vec<SocketAddr>,
+    #[serde(skip)]
+    pub target: BackendTarget,
+}
+
+/// What a backend address names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendTarget {
+    Ip(SocketAddr),
+    /// Re-resolved periodically while the proxy runs.
+    Dns { host: String, port: u16 },
+}
+
+/// Limits with every default applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveLimits {
+    pub max_connections: u32,
+    pub connect_timeout: ConfigDuration,
+    pub idle_timeout: ConfigDuration,
+    pub ejection_cooldown: ConfigDuration,
+}
+
+impl Config {
+    /// Checks a parsed file and resolves its backend host names.
+    pub async fn from_file_config(file: ProxyConfig) -> Result<Self, ConfigError> {
+        let mut config = check(&file)?;
+        for (li, listener) in config.listeners.iter_mut().enumerate() {
+            for (bi, backend) in listener.backends.iter_mut().enumerate() {
+                let path = format!("listeners[{li}].backends[{bi}].address");
+                backend.resolved = resolve(&backend.target, &path, &backend.address).await?;
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// Resolves a backend target to socket addresses; a name that resolves to nothing is an error.
+pub async fn resolve(target: &BackendTarget, path: &str, written: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    let (host, port) = match target {
+        BackendTarget::Ip(addr) => return Ok(vec![*addr]),
+        BackendTarget::Dns { host, port } => (host.as_str(), *port),
+    };
+    let failed = |why: String| ConfigError::invalid(path, format!("cannot resolve {written:?}: {why}"));
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
+        Err(_) => Err(failed(format!("no answer within {}", ConfigDuration(RESOLVE_TIMEOUT)))),
+        Ok(Err(e)) => Err(failed(e.to_string())),
+        Ok(Ok(addrs)) => {
+            let addrs: Vec<SocketAddr> = addrs.collect();
+            if addrs.is_empty() { Err(failed("no addresses".into())) } else { Ok(addrs) }
+        }
+    }
+}
+
+/// The synchronous checks: shapes, ranges, uniqueness. Host names are left unresolved.
+pub fn check(file: &ProxyConfig) -> Result<Config, ConfigError> {
+    let admin = match &file.admin {
+        Some(admin) => Some(parse_socket_addr("admin.address", &admin.address)?),
+        None => None,
+    };
+    let mut names = HashSet::new();
+    let mut addresses = HashSet::new();
+    let mut listeners = Vec::with_capacity(file.listeners.len());
+    for (i, listener) in file.listeners.iter().enumerate() {
+        let checked = check_listener(&format!("listeners[{i}]"), listener)?;
+        if !names.insert(checked.name.clone()) {
+            return Err(ConfigError::invalid(format!("listeners[{i}].name"), format!("duplicate listener name {:?}", checked.name)));
+        }
+        if !addresses.insert((checked.protocol, checked.address)) {
+            return Err(ConfigError::invalid(
+                format!("listeners[{i}].address"),
+                format!("{} is used by another {:?} listener", checked.address, checked.protocol),
+            ));
+        }
+        listeners.push(checked);
+    }
+    Ok(Config { admin, listeners })
+}
+
+fn check_listener(path: &str, listener: &schema::Listener) -> Result<ListenerConfig, ConfigError> {
+    check_name(&format!("{path}.name"), &listener.name)?;
+    if listener.protocol == Protocol::Udp {
+        return Err(ConfigError::invalid(
+            format!("{path}.protocol"),
+            format!("\"UDP\" is not supported yet (listener {:?}); use \"TCP\"", listener.name),
+        ));
+    }
+    let address = parse_socket_addr(&format!("{path}.address"), &listener.address)?;
+    if listener.backends.is_empty() {
+        return Err(ConfigError::invalid(format!("{path}.backends"), "at least one backend is required"));
+    }
+    if listener.backends.len() > MAX_BACKENDS {
+        return Err(ConfigError::invalid(
+            format!("{path}.backends"),
+            format!("{} backends, at most {MAX_BACKENDS} are allowed", listener.backends.len()),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut backends = Vec::with_capacity(listener.backends.len());
+    for (i, backend) in listener.backends.iter().enumerate() {
+        let bpath = format!("{path}.backends[{i}]");
+        let checked = check_backend(&bpath, backend)?;
+        if !seen.insert(checked.address.clone()) {
+            return Err(ConfigError::invalid(format!("{bpath}.address"), format!("duplicate backend {:?}", checked.address)));
+        }
+        backends.push(checked);
+    }
+    Ok(ListenerConfig {
+        name: listener.name.clone(),
+        protocol: listener.protocol,
+        address,
+        load_balancing: listener.load_balancing,
+        backends,
+        limits: check_limits(&format!("{path}.limits"), &listener.limits)?,
+    })
+}
+
+fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            path,
+            format!("invalid name {name:?}: use 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'"),
+        ))
+    }
+}
+
+fn check_backend(path: &str, backend: &schema::Backend) -> Result<BackendConfig, ConfigError> {
+    if !(1..=MAX_WEIGHT).contains(&backend.weight) {
+        return Err(ConfigError::invalid(
+            format!("{path}.weight"),
+            format!("weight {} is out of range 1..={MAX_WEIGHT}", backend.weight),
+        ));
+    }
+    let target = parse_backend_address(&format!("{path}.address"), &backend.address)?;
+    let resolved = match target {
+        BackendTarget::Ip(addr) => vec![addr],
+        BackendTarget::Dns { .. } => Vec::new(),
+    };
+    Ok(BackendConfig { address: backend.address.clone(), weight: backend.weight, resolved, target })
+}
+
+fn check_limits(path: &str, limits: &schema::Limits) -> Result<EffectiveLimits, ConfigError> {
+    let max_connections = limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if !(1..=MAX_MAX_CONNECTIONS).contains(&max_connections) {
+        return Err(ConfigError::invalid(
+            format!("{path}.maxConnections"),
+            format!("{max_connections} is out of range 1..={MAX_MAX_CONNECTIONS}"),
+        ));
+    }
+    let positive = |field: &str, value: Option<ConfigDuration>, default: ConfigDuration| match value {
+        Some(d) if d.get().is_zero() => Err(ConfigError::invalid(format!("{path}.{field}"), format!("{d} must be greater than zero"))),
+        Some(d) => Ok(d),
+        None => Ok(default),
+    };
+    Ok(EffectiveLimits {
+        max_connections,
+        connect_timeout: positive("connectTimeout", limits.connect_timeout, DEFAULT_CONNECT_TIMEOUT)?,
+        idle_timeout: positive("idleTimeout", limits.idle_timeout, DEFAULT_TCP_IDLE_TIMEOUT)?,
+        ejection_cooldown: positive("ejectionCooldown", limits.ejection_cooldown, DEFAULT_EJECTION_COOLDOWN)?,
+    })
+}
+
+fn parse_socket_addr(path: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        ConfigError::invalid(path, format!("invalid address {text:?}: expected ip:port, like 127.0.0.1:8080 or [::1]:8080"))
+    })
+}
+
+fn parse_backend_address(path: &str, text: &str) -> Result<BackendTarget, ConfigError> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(ConfigError::invalid(path, format!("invalid address {text:?}: port 0")));
+        }
+        return Ok(BackendTarget::Ip(addr));
+    }
+    let bad = |why: &str| ConfigError::invalid(path, format!("invalid address {text:?}: {why}"));
+    let (host, port) = text.rsplit_once(':').ok_or_else(|| bad("expected ip:port or host:port"))?;
+    let port: u16 = port.parse().map_err(|_| bad("the port must be a number from 1 to 65535"))?;
+    if port == 0 {
+        return Err(bad("port 0"));
+    }
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !host_ok {
+        return Err(bad("expected ip:port or host:port with a valid host name"));
+    }
+    Ok(BackendTarget::Dns { host: host.to_owned(), port })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_yaml;
+
+    fn checked(yaml: &str) -> Result<Config, ConfigError> {
+        check(&parse_yaml(yaml)?)
+    }
+
+    const MINIMAL: &str = "listeners:\n- name: web\n  address: 127.0.0.1:8080\n  backends: [{address: 127.0.0.1:9000}]\n";
+
+    #[test]
+    fn minimal_listener_gets_documented_defaults() {
+        let config = checked(MINIMAL).unwrap();
+        let listener = &config.listeners[0];
+        assert_eq!(listener.protocol, Protocol::Tcp);
+        assert_eq!(listener.load_balancing, LoadBalancing::RoundRobin);
+        assert_eq!(listener.limits.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(listener.limits.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(listener.limits.idle_timeout, DEFAULT_TCP_IDLE_TIMEOUT);
+        assert_eq!(listener.backends[0].weight, 1);
+        assert_eq!(config.admin, None);
+    }
+
+    #[test]
+    fn ipv6_addresses_are_accepted() {
+        let config = checked("listeners:\n- name: v6\n  address: '[::1]:8080'\n  backends: [{address: '[::1]:9000'}]\n").unwrap();
+        assert_eq!(config.listeners[0].address, "[::1]:8080".parse().unwrap());
+        assert_eq!(config.listeners[0].backends[0].target, BackendTarget::Ip("[::1]:9000".parse().unwrap()));
+    }
+
+    #[test]
+    fn host_name_backend_is_kept_for_resolution() {
+        let config = checked("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 'localhost:9000'}]\n").unwrap();
+        assert_eq!(config.listeners[0].backends[0].target, BackendTarget::Dns { host: "localhost".into(), port: 9000 });
+    }
+
+    fn error_of(yaml: &str) -> String {
+        checked(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_listener_address_names_field_and_value() {
+        let err = error_of("listeners:\n- name: web\n  address: 127.0.0.1\n  backends: [{address: 127.0.0.1:9000}]\n");
+        assert!(err.starts_with("listeners[0].address:"), "{err}");
+        assert!(err.contains("\"127.0.0.1\""), "{err}");
+    }
+
+    #[test]
+    fn bad_backend_address_names_field_and_value() {
+        let err = error_of("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:9000}, {address: 'bad host:x'}]\n");
+        assert!(err.starts_with("listeners[0].backends[1].address:"), "{err}");
+        assert!(err.contains("bad host:x"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_listener_names_are_rejected() {
+        let err = error_of(&format!("{MINIMAL}- name: web\n  address: 127.0.0.1:8081\n  backends: [{{address: 127.0.0.1:9000}}]\n"));
+        assert!(err.starts_with("listeners[1].name:"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_listener_addresses_are_rejected() {
+        let err = error_of(&format!("{MINIMAL}- name: web2\n  address: 127.0.0.1:8080\n  backends: [{{address: 127.0.0.1:9000}}]\n"));
+        assert!(err.starts_with("listeners[1].address:"), "{err}");
+    }
+
+    #[test]
+    fn empty_backends_are_rejected() {
+        let err = error_of("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: []\n");
+        assert!(err.starts_with("listeners[0].backends:"), "{err}");
+    }
+
+    #[test]
+    fn weight_out_of_range_is_rejected() {
+        let err = error_of("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2, weight: 0}]\n");
+        assert!(err.starts_with("listeners[0].backends[0].weight:"), "{err}");
+    }
+
+    #[test]
+    fn zero_max_connections_is_rejected() {
+        let err = error_of("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n  limits: {maxConnections: 0}\n");
+        assert!(err.starts_with("listeners[0].limits.maxConnections:"), "{err}");
+    }
+
+    #[test]
+    fn zero_timeout_is_rejected() {
+        let err = error_of("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n  limits: {idleTimeout: 0s}\n");
+        assert!(err.starts_with("listeners[0].limits.idleTimeout:"), "{err}");
+    }
+
+    #[test]
+    fn udp_listener_is_rejected_until_supported() {
+        let err = error_of("listeners:\n- name: dns\n  protocol: UDP\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n");
+        assert!(err.starts_with("listeners[0].protocol:"), "{err}");
+        assert!(err.contains("UDP"), "{err}");
+    }
+
+    #[test]
+    fn invalid_listener_name_is_rejected() {
+        let err = error_of("listeners:\n- name: Web_1\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n");
+        assert!(err.starts_with("listeners[0].name:"), "{err}");
+        assert!(err.contains("Web_1"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn unresolvable_host_is_an_error_naming_it() {
+        let file = parse_yaml("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 'no-such-host.invalid:80'}]\n").unwrap();
+        let err = Config::from_file_config(file).await.unwrap_err().to_string();
+        assert!(err.starts_with("listeners[0].backends[0].address:"), "{err}");
+        assert!(err.contains("no-such-host.invalid"), "{err}");
+    }
+}

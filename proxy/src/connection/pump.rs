@@ -1,0 +1,218 @@
+//! Copies bytes both ways between two TCP streams, with half-close, an idle timeout, and no
+//! per-connection buffer while the connection is quiet.
+//!
+//! Why not `tokio::io::copy_bidirectional`: it keeps two 8 KiB buffers per connection for its
+//! whole life, 16 KiB per idle connection. Here a read goes into one buffer per worker thread
+//! and is written out in the same poll; only bytes the destination cannot take right now are
+//! copied into a per-direction `Vec`, which is freed as soon as it drains. An idle connection
+//! therefore holds no copy buffer at all.
+
+use std::{
+    cell::RefCell,
+    future::poll_fn,
+    io,
+    net::Shutdown,
+    pin::pin,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::{net::TcpStream, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::CloseReason;
+
+/// Size of the per-thread read buffer: the most one read moves.
+pub const COPY_BUFFER_SIZE: usize = 64 * 1024;
+
+thread_local! {
+    // Borrowed only inside one synchronous read-then-write step, never across an await.
+    static BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; COPY_BUFFER_SIZE].into_boxed_slice());
+}
+
+/// How the copy ended and what it moved.
+#[derive(Debug, Default)]
+pub(crate) struct PumpOutcome {
+    pub reason: CloseReason,
+    /// The socket error behind a `ClientError` or `BackendError`.
+    pub error: Option<io::Error>,
+    /// Client to backend.
+    pub bytes_up: u64,
+    /// Backend to client.
+    pub bytes_down: u64,
+    pub client_finished: Option<Instant>,
+    pub backend_finished: Option<Instant>,
+}
+
+/// Counters advanced as bytes move, so `/stats` is live for long connections.
+pub(crate) struct ByteCounters<'a> {
+    pub up: &'a Counter,
+    pub down: &'a Counter,
+}
+
+enum Failure {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// One direction of the copy.
+#[derive(Default)]
+struct Half {
+    /// Bytes read but not yet accepted by the destination; empty (and unallocated) when caught up.
+    pending: Vec<u8>,
+    read_done: bool,
+    write_done: bool,
+    bytes: u64,
+    finished_at: Option<Instant>,
+}
+
+impl Half {
+    fn done(&self) -> bool {
+        self.write_done
+    }
+
+    /// Moves what it can from `src` to `dst`. Ready(Ok(n)) after progress (n bytes read, or 0
+    /// for a state change); Pending once both the read and the write side would block.
+    fn poll_advance(&mut self, cx: &mut Context<'_>, src: &TcpStream, dst: &TcpStream) -> Poll<Result<usize, Failure>> {
+        loop {
+            if !self.pending.is_empty() {
+                ready!(dst.poll_write_ready(cx)).map_err(Failure::Write)?;
+                match dst.try_write(&self.pending) {
+                    Ok(n) => {
+                        self.pending.drain(..n);
+                        if self.pending.is_empty() {
+                            self.pending = Vec::new();
+                            self.finish_if_drained(dst)?;
+                        }
+                        return Poll::Ready(Ok(0));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(Failure::Write(e))),
+                }
+            }
+            if self.read_done {
+                self.finish_if_drained(dst)?;
+                return Poll::Ready(Ok(0));
+            }
+            ready!(src.poll_read_ready(cx)).map_err(Failure::Read)?;
+            let step = BUFFER.with_borrow_mut(|buf| self.read_then_write(src, dst, buf));
+            match step {
+                Err(Failure::Read(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn read_then_write(&mut self, src: &TcpStream, dst: &TcpStream, buf: &mut [u8]) -> Result<usize, Failure> {
+        let n = src.try_read(buf).map_err(Failure::Read)?;
+        if n == 0 {
+            self.read_done = true;
+            self.finished_at = Some(Instant::now());
+            self.finish_if_drained(dst)?;
+            return Ok(0);
+        }
+        self.bytes += n as u64;
+        let mut written = 0;
+        while written < n {
+            match dst.try_write(&buf[written..n]) {
+                Ok(w) => written += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(Failure::Write(e)),
+            }
+        }
+        if written < n {
+            self.pending.extend_from_slice(&buf[written..n]);
+        }
+        Ok(n)
+    }
+
+    /// Once the source has ended and everything read was written, pass the half-close on.
+    fn finish_if_drained(&mut self, dst: &TcpStream) -> Result<(), Failure> {
+        if self.read_done && self.pending.is_empty() && !self.write_done {
+            self.write_done = true;
+            match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
+                // The peer may already be gone; its own read error or EOF reports that.
+                Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(Failure::Write(e)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copies until both directions have finished, a leg fails, the connection is idle for `idle`,
+/// or `cut` is cancelled. Dropping the streams afterwards closes both legs.
+pub(crate) async fn pump(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle: Duration,
+    cut: &CancellationToken,
+    counters: ByteCounters<'_>,
+) -> PumpOutcome {
+    let mut up = Half::default();
+    let mut down = Half::default();
+    let mut last_activity = Instant::now();
+    let mut idle_timer = pin!(tokio::time::sleep_until(last_activity + idle));
+    let mut cancelled = pin!(cut.cancelled());
+
+    let (reason, error) = poll_fn(|cx| {
+        if cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready((CloseReason::Shutdown, None));
+        }
+        loop {
+            let mut progressed = false;
+            if !up.done() {
+                match up.poll_advance(cx, client, backend) {
+                    Poll::Ready(Ok(n)) => {
+                        counters.up.inc_by(n as u64);
+                        progressed = true;
+                    }
+                    Poll::Ready(Err(Failure::Read(e))) => return Poll::Ready((CloseReason::ClientError, Some(e))),
+                    Poll::Ready(Err(Failure::Write(e))) => return Poll::Ready((CloseReason::BackendError, Some(e))),
+                    Poll::Pending => {}
+                }
+            }
+            if !down.done() {
+                match down.poll_advance(cx, backend, client) {
+                    Poll::Ready(Ok(n)) => {
+                        counters.down.inc_by(n as u64);
+                        progressed = true;
+                    }
+                    Poll::Ready(Err(Failure::Read(e))) => return Poll::Ready((CloseReason::BackendError, Some(e))),
+                    Poll::Ready(Err(Failure::Write(e))) => return Poll::Ready((CloseReason::ClientError, Some(e))),
+                    Poll::Pending => {}
+                }
+            }
+            if up.done() && down.done() {
+                return Poll::Ready((CloseReason::Completed, None));
+            }
+            if progressed {
+                // Tokio's cooperative budget (charged by the readiness polls) makes this loop
+                // yield to other tasks on a busy connection.
+                last_activity = Instant::now();
+                continue;
+            }
+            break;
+        }
+        // Re-arming only when the timer fires keeps timer work off the per-read path.
+        while idle_timer.as_mut().poll(cx).is_ready() {
+            let deadline = last_activity + idle;
+            if Instant::now() >= deadline {
+                return Poll::Ready((CloseReason::IdleTimeout, None));
+            }
+            idle_timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
+
+    PumpOutcome {
+        reason,
+        error,
+        bytes_up: up.bytes,
+        bytes_down: down.bytes,
+        client_finished: up.finished_at,
+        backend_finished: down.finished_at,
+    }
+}

@@ -1,0 +1,26 @@
+//! l4proxy: a Layer-4 (TCP/UDP) proxy for Kubernetes.
+//!
+//! - [`config`]: the config schema (shared with the `L4Proxy` resource), parsing and checks.
+//! - [`connection`]: the connection-management API and the TCP connection manager.
+//! - [`backend`]: backends, their health and ejection, connecting with failover.
+//! - [`balance`]: load-balancing algorithms.
+//! - [`metrics`]: every metric, registered in one place.
+//! - [`server`]: the running proxy: listeners, reload, stats, drain.
+//! - [`admin`]: the admin HTTP server.
+
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod backend;
+pub mod balance;
+pub mod config;
+pub mod connection;
+pub mod metrics;
+pub mod server;
+
+pub use connection::{
+    CloseReason, ConnectionContext, ConnectionError, ConnectionManager, ConnectionMetrics, Lifecycle, TcpConnection,
+    TcpConnectionManager, TcpListenerSettings,
+};
+pub use server::Proxy;

@@ -1,0 +1,178 @@
+//! The `l4proxy` binary: `run` serves a config file (or the embedded quickstart), `check`
+//! validates one. A bad config exits with code 64 before anything is bound.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use l4proxy::{
+    Proxy,
+    config::{self, Config, ConfigDuration},
+    metrics::Metrics,
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+/// sysexits' EX_USAGE: the config is wrong.
+const EXIT_BAD_CONFIG: u8 = 64;
+/// The config used when `run` is given none: a listener on 127.0.0.1:8080 forwarding to the
+/// admin server on 127.0.0.1:9901.
+const QUICKSTART: &str = include_str!("../../examples/quickstart.yaml");
+
+#[derive(Parser)]
+#[command(name = "l4proxy", version, about = "A Layer-4 (TCP/UDP) proxy for Kubernetes")]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve. Reloads the config on SIGHUP and when the file changes; drains on SIGTERM/SIGINT.
+    Run {
+        /// Config file (YAML). Without it, the embedded quickstart config is served.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// On SIGTERM/SIGINT, how long open connections may finish before they are cut.
+        #[arg(long, default_value = "30s")]
+        drain_timeout: ConfigDuration,
+        /// How often the config file is checked for changes.
+        #[arg(long, default_value = "2s")]
+        watch_interval: ConfigDuration,
+    },
+    /// Validate a config file: exit 0 if it is good, 64 with the field path if not.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _log_guard = init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Check { config } => check(&config).await,
+            Command::Run { config, drain_timeout, watch_interval } => {
+                let (config, path) = match load(config.as_deref()).await {
+                    Ok(loaded) => loaded,
+                    Err(code) => return code,
+                };
+                report(run(config, path.as_deref(), drain_timeout.get(), watch_interval.get()).await)
+            }
+        }
+    })
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "l4proxy failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    // Logs go through a bounded queue to a writer thread so a slow stdout never stalls a worker;
+    // when the queue is full, callers wait rather than lose lines.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stdout());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    guard
+}
+
+/// Loads the given file, or the embedded quickstart. A bad config is reported and mapped to 64.
+async fn load(path: Option<&Path>) -> Result<(Config, Option<PathBuf>), ExitCode> {
+    let loaded = match path {
+        Some(path) => config::load(path).await,
+        None => match config::parse_yaml(QUICKSTART) {
+            Ok(file) => Config::from_file_config(file).await,
+            Err(e) => Err(e),
+        },
+    };
+    match loaded {
+        Ok(config) => Ok((config, path.map(Path::to_owned))),
+        Err(error) => {
+            let source = path.map_or_else(|| "embedded quickstart".to_owned(), |p| p.display().to_string());
+            eprintln!("l4proxy: invalid config {source}: {error}");
+            tracing::error!(config = %source, %error, "invalid config");
+            Err(ExitCode::from(EXIT_BAD_CONFIG))
+        }
+    }
+}
+
+async fn check(path: &Path) -> ExitCode {
+    match load(Some(path)).await {
+        Ok((config, _)) => {
+            println!("{}: ok ({} listener(s))", path.display(), config.listeners.len());
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+async fn run(config: Config, path: Option<&Path>, drain: Duration, watch_interval: Duration) -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+
+    let proxy = Proxy::start(config, Arc::new(Metrics::new())).await.context("starting listeners")?;
+    tracing::info!(listeners = proxy.config().listeners.len(), "l4proxy started");
+
+    let mut watched = match path {
+        Some(path) => tokio::fs::read(path).await.ok(),
+        None => None,
+    };
+    let mut watch = tokio::time::interval(watch_interval);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { tracing::info!(signal = "SIGTERM", "shutdown requested"); break; }
+            _ = interrupt.recv() => { tracing::info!(signal = "SIGINT", "shutdown requested"); break; }
+            _ = hangup.recv() => match path {
+                Some(path) => { let _ = proxy.reload_from(path).await; }
+                None => tracing::warn!("SIGHUP ignored: serving the embedded config, there is no file to reload"),
+            },
+            _ = watch.tick(), if path.is_some() => {
+                let Some(path) = path else { continue };
+                // Compare contents, not timestamps: Kubernetes swaps mounted ConfigMaps by symlink.
+                let current = tokio::fs::read(path).await.ok();
+                if current != watched {
+                    watched = current;
+                    let _ = proxy.reload_from(path).await;
+                }
+            }
+        }
+    }
+    proxy.shutdown(drain).await;
+    Ok(())
+}

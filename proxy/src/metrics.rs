@@ -1,0 +1,211 @@
+//! All metrics, registered once in one struct. Labels are bounded by config (listener names and
+//! backend addresses as written), never by clients. Hot paths hold pre-resolved handles
+//! ([`ListenerMetrics`], [`BackendMetrics`]) so a connection does no label lookups.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::connection::CloseReason;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    listener: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    listener: String,
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendReasonLabels {
+    listener: String,
+    backend: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn connect_time_histogram() -> Histogram {
+    // 100µs .. ~3.3s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+fn duration_histogram() -> Histogram {
+    // 1ms .. ~9h
+    Histogram::new(exponential_buckets(0.001, 4.0, 13))
+}
+
+/// The process's metrics.
+pub struct Metrics {
+    registry: Registry,
+    accepted: Family<ListenerLabels, Counter>,
+    rejected: Family<ReasonLabels, Counter>,
+    closed: Family<ReasonLabels, Counter>,
+    active: Family<ListenerLabels, Gauge>,
+    bytes_received: Family<ListenerLabels, Counter>,
+    bytes_sent: Family<ListenerLabels, Counter>,
+    accept_errors: Family<ListenerLabels, Counter>,
+    connect_time: HistogramFamily<ListenerLabels>,
+    duration: HistogramFamily<ListenerLabels>,
+    backend_active: Family<BackendLabels, Gauge>,
+    backend_failures: Family<BackendReasonLabels, Counter>,
+    backend_ejected: Family<BackendLabels, Gauge>,
+    backend_ejections: Family<BackendLabels, Counter>,
+    backend_resolve_failures: Family<BackendLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("l4proxy"),
+            accepted: Family::default(),
+            rejected: Family::default(),
+            closed: Family::default(),
+            active: Family::default(),
+            bytes_received: Family::default(),
+            bytes_sent: Family::default(),
+            accept_errors: Family::default(),
+            connect_time: Family::new_with_constructor(connect_time_histogram),
+            duration: Family::new_with_constructor(duration_histogram),
+            backend_active: Family::default(),
+            backend_failures: Family::default(),
+            backend_ejected: Family::default(),
+            backend_ejections: Family::default(),
+            backend_resolve_failures: Family::default(),
+            reloads: Family::default(),
+        };
+        let r = &mut m.registry;
+        r.register("connections_accepted", "Connections admitted by a listener", m.accepted.clone());
+        r.register("connections_rejected", "Connections refused on arrival, by reason", m.rejected.clone());
+        r.register("connections_closed", "Connections ended, by reason", m.closed.clone());
+        r.register("connections_active", "Connections open now", m.active.clone());
+        r.register("bytes_received", "Bytes read from clients", m.bytes_received.clone());
+        r.register("bytes_sent", "Bytes written to clients", m.bytes_sent.clone());
+        r.register("accept_errors", "Errors accepting a connection (e.g. out of file descriptors)", m.accept_errors.clone());
+        r.register("connect_duration_seconds", "Time to establish the backend leg", m.connect_time.clone());
+        r.register("connection_duration_seconds", "Lifetime of finished connections", m.duration.clone());
+        r.register("backend_connections_active", "Connections open now, per backend", m.backend_active.clone());
+        r.register("backend_failures", "Failed connects to a backend, by reason", m.backend_failures.clone());
+        r.register("backend_ejected", "1 while a backend is ejected after consecutive failures", m.backend_ejected.clone());
+        r.register("backend_ejections", "Times a backend was ejected", m.backend_ejections.clone());
+        r.register("backend_resolve_failures", "Failed re-resolutions of a backend host name", m.backend_resolve_failures.clone());
+        r.register("config_reloads", "Config reloads, by result", m.reloads.clone());
+        m
+    }
+
+    /// Handles for one listener's hot path.
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
+        let l = ListenerLabels { listener: name.to_owned() };
+        let reason = |reason| ReasonLabels { listener: name.to_owned(), reason };
+        ListenerMetrics {
+            accepted: handle(&self.accepted, &l),
+            rejected_limit: handle(&self.rejected, &reason("limit")),
+            closed: CloseReason::ALL.map(|r| handle(&self.closed, &reason(r.label()))),
+            active: handle(&self.active, &l),
+            bytes_received: handle(&self.bytes_received, &l),
+            bytes_sent: handle(&self.bytes_sent, &l),
+            accept_errors: handle(&self.accept_errors, &l),
+            connect_time: handle(&self.connect_time, &l),
+            duration: handle(&self.duration, &l),
+        }
+    }
+
+    /// Handles for one backend of one listener.
+    pub fn backend(&self, listener: &str, backend: &str) -> BackendMetrics {
+        let l = BackendLabels { listener: listener.to_owned(), backend: backend.to_owned() };
+        let reason = |reason| BackendReasonLabels { listener: listener.to_owned(), backend: backend.to_owned(), reason };
+        BackendMetrics {
+            active: handle(&self.backend_active, &l),
+            failures_refused: handle(&self.backend_failures, &reason("connect_failed")),
+            failures_timeout: handle(&self.backend_failures, &reason("connect_timeout")),
+            ejected: handle(&self.backend_ejected, &l),
+            ejections: handle(&self.backend_ejections, &l),
+            resolve_failures: handle(&self.backend_resolve_failures, &l),
+        }
+    }
+
+    /// Counts one reload attempt.
+    pub fn reload(&self, succeeded: bool) {
+        let result = if succeeded { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A handle to one labelled metric. A function, not an inline `get_or_create(..).clone()`:
+/// that returns a read guard on the family, and a guard kept alive to the end of a larger
+/// expression deadlocks the next `get_or_create` on the same family that needs to insert.
+fn handle<L, M, C>(family: &Family<L, M, C>, labels: &L) -> M
+where
+    L: Clone + std::hash::Hash + Eq,
+    M: Clone,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    family.get_or_create(labels).clone()
+}
+
+/// One listener's metric handles.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    pub accepted: Counter,
+    pub rejected_limit: Counter,
+    pub closed: [Counter; CloseReason::ALL.len()],
+    pub active: Gauge,
+    pub bytes_received: Counter,
+    pub bytes_sent: Counter,
+    pub accept_errors: Counter,
+    pub connect_time: Histogram,
+    pub duration: Histogram,
+}
+
+impl ListenerMetrics {
+    pub fn closed(&self, reason: CloseReason) -> &Counter {
+        &self.closed[reason.index()]
+    }
+}
+
+/// One backend's metric handles.
+#[derive(Clone)]
+pub struct BackendMetrics {
+    pub active: Gauge,
+    pub failures_refused: Counter,
+    pub failures_timeout: Counter,
+    pub ejected: Gauge,
+    pub ejections: Counter,
+    pub resolve_failures: Counter,
+}

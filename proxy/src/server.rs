@@ -1,0 +1,405 @@
+//! The running proxy: binds listeners, runs their accept loops, applies reloads without
+//! dropping connections, reports stats, and drains on shutdown.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin,
+    config::{self, Config, ConfigError, Protocol},
+    connection::{CloseReason, ConnectionError, ConnectionManager, TcpConnectionManager, TcpListenerSettings},
+    metrics::Metrics,
+};
+
+/// Pending connections the kernel queues per listener before accept.
+pub const LISTEN_BACKLOG: i32 = 1024;
+/// Pause after a failed accept (e.g. out of file descriptors), so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// How often host-name backends are re-resolved.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+/// After the drain period, how long cut connections get to unwind before shutdown gives up
+/// waiting for them.
+const CUT_GRACE: Duration = Duration::from_secs(5);
+
+/// A listener with its accept loop running.
+struct RunningListener {
+    /// As configured (may have port 0); reloads match listeners on it.
+    configured: SocketAddr,
+    /// As bound.
+    local: SocketAddr,
+    manager: Arc<TcpConnectionManager>,
+    stop_accepting: CancellationToken,
+}
+
+struct RunningAdmin {
+    address: SocketAddr,
+    local: SocketAddr,
+    stop: CancellationToken,
+}
+
+#[derive(Default)]
+struct State {
+    listeners: Vec<RunningListener>,
+    admin: Option<RunningAdmin>,
+}
+
+/// Could not (re)configure: nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bind(#[from] ConnectionError),
+}
+
+impl ApplyError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Config(e) => e.label(),
+            Self::Bind(e) => e.label(),
+        }
+    }
+}
+
+/// The proxy process's data plane.
+pub struct Proxy {
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+    config: ArcSwap<Config>,
+    /// Every connection task, across listeners past and present.
+    connections: TaskTracker,
+    /// Cancelled at the end of the drain period: cuts connections still open.
+    cut: CancellationToken,
+    /// Cancelled when shutdown begins: stops background work (re-resolution).
+    stopping: CancellationToken,
+    ready: AtomicBool,
+}
+
+impl Proxy {
+    /// Binds every listener (and the admin server) of `config` and starts serving. On error
+    /// nothing stays bound.
+    pub async fn start(config: Config, metrics: Arc<Metrics>) -> Result<Arc<Self>, ApplyError> {
+        let proxy = Arc::new(Self {
+            metrics,
+            state: Mutex::new(State::default()),
+            config: ArcSwap::from_pointee(Config { admin: None, listeners: Vec::new() }),
+            connections: TaskTracker::new(),
+            cut: CancellationToken::new(),
+            stopping: CancellationToken::new(),
+            ready: AtomicBool::new(false),
+        });
+        proxy.apply(config)?;
+        proxy.ready.store(true, Ordering::Release);
+        tokio::spawn(proxy.clone().re_resolve_periodically());
+        Ok(proxy)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// True while every configured listener is bound and accepting.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Bound address of the listener named `name`.
+    pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
+        let state = self.lock_state();
+        state.listeners.iter().find(|l| *l.manager.settings().name == *name).map(|l| l.local)
+    }
+
+    /// Bound address of the admin server.
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.lock_state().admin.as_ref().map(|a| a.local)
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Holders never panic between related updates, so a poisoned state is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a checked config: binds what is new first (an error changes nothing), then
+    /// updates kept listeners in place (same address: the bound socket stays, so no connection
+    /// is refused), starts new ones and stops accepting on removed ones. Established
+    /// connections of every listener run on untouched.
+    pub fn apply(self: &Arc<Self>, config: Config) -> Result<(), ApplyError> {
+        let mut state = self.lock_state();
+        let mut fresh = Vec::new();
+        for listener in &config.listeners {
+            if !state.listeners.iter().any(|r| r.configured == listener.address) {
+                fresh.push((listener.address, bind(listener.address)?));
+            }
+        }
+        let admin = match config.admin {
+            Some(address) if state.admin.as_ref().map(|a| a.address) != Some(address) => {
+                Some((address, bind(address)?))
+            }
+            _ => None,
+        };
+
+        let mut next = Vec::with_capacity(config.listeners.len());
+        for listener in &config.listeners {
+            debug_assert_eq!(listener.protocol, Protocol::Tcp);
+            if let Some(pos) = state.listeners.iter().position(|r| r.configured == listener.address) {
+                let running = state.listeners.swap_remove(pos);
+                running.manager.update(listener.clone(), &self.metrics);
+                next.push(running);
+                continue;
+            }
+            let pos = fresh.iter().position(|(a, _)| *a == listener.address).expect("bound above");
+            let (_, socket) = fresh.swap_remove(pos);
+            let settings = TcpListenerSettings::new(listener.clone(), None, &self.metrics);
+            let manager = Arc::new(TcpConnectionManager::new(settings, self.cut.clone()));
+            next.push(self.spawn_accept_loop(listener.address, socket, manager));
+        }
+        for removed in state.listeners.drain(..) {
+            removed.stop_accepting.cancel();
+            tracing::info!(listener = %removed.manager.settings().name, address = %removed.local, "listener removed; its open connections continue");
+        }
+        state.listeners = next;
+
+        if let Some((address, socket)) = admin {
+            if let Some(old) = state.admin.take() {
+                old.stop.cancel();
+            }
+            state.admin = Some(self.spawn_admin(address, socket));
+        } else if config.admin.is_none() {
+            if let Some(old) = state.admin.take() {
+                old.stop.cancel();
+            }
+        }
+        self.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    /// Loads `path` and applies it. A bad file or a failed bind changes nothing; either way
+    /// the attempt is counted and logged.
+    pub async fn reload_from(self: &Arc<Self>, path: &Path) -> Result<(), ApplyError> {
+        let result = match config::load(path).await {
+            Ok(config) if config == **self.config.load() => {
+                tracing::debug!(path = %path.display(), "config unchanged");
+                return Ok(());
+            }
+            Ok(config) => self.apply(config),
+            Err(e) => Err(e.into()),
+        };
+        self.metrics.reload(result.is_ok());
+        match &result {
+            Ok(()) => tracing::info!(path = %path.display(), listeners = self.config.load().listeners.len(), "config reloaded"),
+            Err(e) => tracing::error!(path = %path.display(), error = %e, reason = e.label(), "config reload rejected; the previous config stays in force"),
+        }
+        result
+    }
+
+    fn spawn_accept_loop(&self, configured: SocketAddr, socket: TcpListener, manager: Arc<TcpConnectionManager>) -> RunningListener {
+        let local = socket.local_addr().unwrap_or(configured);
+        let stop_accepting = CancellationToken::new();
+        tracing::info!(listener = %manager.settings().name, address = %local, "listening");
+        tokio::spawn(accept_loop(socket, manager.clone(), stop_accepting.clone(), self.connections.clone()));
+        RunningListener { configured, local, manager, stop_accepting }
+    }
+
+    fn spawn_admin(self: &Arc<Self>, address: SocketAddr, socket: TcpListener) -> RunningAdmin {
+        let local = socket.local_addr().unwrap_or(address);
+        let stop = CancellationToken::new();
+        tracing::info!(address = %local, "admin server listening");
+        tokio::spawn(admin::serve(socket, self.clone(), stop.clone()));
+        RunningAdmin { address, local, stop }
+    }
+
+    async fn re_resolve_periodically(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(RESOLVE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; the config was just resolved
+        loop {
+            tokio::select! {
+                _ = self.stopping.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let settings: Vec<_> = self.lock_state().listeners.iter().map(|l| l.manager.settings()).collect();
+            for listener in settings {
+                for backend in listener.backends.backends() {
+                    backend.state.refresh().await;
+                }
+            }
+        }
+    }
+
+    /// Per-listener counters, gauges and backend health.
+    pub fn stats(&self) -> Stats {
+        let state = self.lock_state();
+        let listeners = state
+            .listeners
+            .iter()
+            .map(|running| {
+                let settings = running.manager.settings();
+                let m = &settings.metrics;
+                ListenerStats {
+                    name: settings.name.to_string(),
+                    protocol: settings.config.protocol,
+                    address: running.local,
+                    active: running.manager.connection_count(),
+                    max_connections: running.manager.max_connections(),
+                    accepted: m.accepted.get(),
+                    rejected: m.rejected_limit.get(),
+                    closed: CloseReason::ALL.iter().map(|&r| (r.label(), m.closed(r).get())).collect(),
+                    bytes_received: m.bytes_received.get(),
+                    bytes_sent: m.bytes_sent.get(),
+                    backends: settings
+                        .backends
+                        .backends()
+                        .iter()
+                        .map(|b| BackendStats {
+                            address: b.state.address().to_owned(),
+                            resolved: b.state.resolved().to_vec(),
+                            weight: b.weight,
+                            active: b.state.active(),
+                            ejected: b.state.is_ejected(),
+                            consecutive_failures: b.state.consecutive_failures(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Stats { ready: self.is_ready(), open_connections: self.connections.len(), listeners }
+    }
+
+    /// Stops accepting on every listener, lets open connections finish for up to `drain`, then
+    /// cuts the rest. Returns how many were cut. The admin server stays up until the end, with
+    /// `/readyz` failing.
+    pub async fn shutdown(&self, drain: Duration) -> usize {
+        self.ready.store(false, Ordering::Release);
+        self.stopping.cancel();
+        let admin = {
+            let mut state = self.lock_state();
+            for listener in state.listeners.drain(..) {
+                listener.stop_accepting.cancel();
+            }
+            state.admin.take()
+        };
+        self.connections.close();
+        tracing::info!(open = self.connections.len(), drain = ?drain, "shutting down: stopped accepting, draining");
+        let cut = match tokio::time::timeout(drain, self.connections.wait()).await {
+            Ok(()) => 0,
+            Err(_) => {
+                let open = self.connections.len();
+                self.cut.cancel();
+                if tokio::time::timeout(CUT_GRACE, self.connections.wait()).await.is_err() {
+                    tracing::warn!(left = self.connections.len(), "connections still unwinding after the cut");
+                }
+                open
+            }
+        };
+        if let Some(admin) = admin {
+            admin.stop.cancel();
+        }
+        tracing::info!(cut, "shutdown complete");
+        cut
+    }
+}
+
+/// Binds a listening TCP socket with address reuse, so a restart does not wait out TIME_WAIT.
+pub fn bind(address: SocketAddr) -> Result<TcpListener, ConnectionError> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(address), socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&address.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        TcpListener::from_std(socket.into())
+    };
+    bind().map_err(|source| ConnectionError::BindFailed { address, source })
+}
+
+async fn accept_loop(
+    socket: TcpListener,
+    manager: Arc<TcpConnectionManager>,
+    stop: CancellationToken,
+    connections: TaskTracker,
+) {
+    let local = socket.local_addr().ok();
+    loop {
+        let accepted: std::io::Result<(TcpStream, SocketAddr)> = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            accepted = socket.accept() => accepted,
+        };
+        let (client, source) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                manager.settings().metrics.accept_errors.inc();
+                tracing::warn!(listener = %manager.settings().name, %error, "accept failed");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
+                }
+            }
+        };
+        let destination = local.unwrap_or(source);
+        match manager.create_connection(client, source, destination) {
+            Ok(connection) => {
+                let manager = manager.clone();
+                connections.spawn(async move {
+                    // The outcome is already counted and logged by the manager.
+                    let _ = manager.handle_connection(connection).await;
+                });
+            }
+            Err(error) => tracing::debug!(%error, reason = error.label(), "connection rejected"),
+        }
+    }
+}
+
+/// `/stats` body.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub ready: bool,
+    pub open_connections: usize,
+    pub listeners: Vec<ListenerStats>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerStats {
+    pub name: String,
+    pub protocol: Protocol,
+    pub address: SocketAddr,
+    pub active: usize,
+    pub max_connections: usize,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub closed: BTreeMap<&'static str, u64>,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub backends: Vec<BackendStats>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendStats {
+    pub address: String,
+    pub resolved: Vec<SocketAddr>,
+    pub weight: u32,
+    pub active: usize,
+    pub ejected: bool,
+    pub consecutive_failures: u32,
+}
