@@ -136,13 +136,24 @@ impl BackendState {
         tracing::warn!(backend = %self.address, failures, cooldown = ?cooldown, "backend ejected");
     }
 
-    /// Round robin over the backend's resolved addresses.
-    fn pick_address(&self) -> Option<SocketAddr> {
-        let addrs = self.resolved.load();
-        if addrs.is_empty() {
-            return None;
+    /// Connects to one of the backend's addresses, starting at a rotating one and trying the
+    /// others (a host name may resolve to several) before the backend counts as failed.
+    async fn connect(&self, src: SocketAddr, timeout: Duration) -> Result<(TcpStream, SocketAddr), (Failure, Option<ConnectionError>)> {
+        let addrs = self.resolved.load_full();
+        let start = self.next_address.fetch_add(1, Ordering::Relaxed);
+        let mut last = None;
+        for k in 0..addrs.len() {
+            let dst = addrs[(start + k) % addrs.len()];
+            match tokio::time::timeout(timeout, TcpStream::connect(dst)).await {
+                Ok(Ok(stream)) => return Ok((stream, dst)),
+                Ok(Err(source)) => last = Some((Failure::Refused, ConnectionError::ConnectionFailed { src, dst, source })),
+                Err(_) => last = Some((Failure::Timeout, ConnectionError::Timeout { src, dst, operation: "connect", after: timeout })),
+            }
         }
-        Some(addrs[self.next_address.fetch_add(1, Ordering::Relaxed) % addrs.len()])
+        Err(match last {
+            Some((failure, error)) => (failure, Some(error)),
+            None => (Failure::Refused, None), // no addresses
+        })
     }
 
     /// Re-resolves a host-name backend; on failure the previous addresses stay in use.
@@ -269,23 +280,16 @@ impl BackendSet {
             let Some(index) = pick else { break };
             tried.insert(index);
             let state = &self.backends[index].state;
-            let Some(address) = state.pick_address() else { continue };
             attempts += 1;
-            let src = context.source;
-            let result = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
-                Ok(Ok(stream)) => Ok(stream),
-                Ok(Err(source)) => Err((Failure::Refused, ConnectionError::ConnectionFailed { src, dst: address, source })),
-                Err(_) => Err((Failure::Timeout, ConnectionError::Timeout { src, dst: address, operation: "connect", after: timeout })),
-            };
-            match result {
-                Ok(stream) => {
+            match state.connect(context.source, timeout).await {
+                Ok((stream, address)) => {
                     state.record_success();
                     return Ok(Connected { stream, address, lease: BackendLease::new(state.clone()), attempts });
                 }
                 Err((failure, error)) => {
                     state.record_failure(failure, cooldown);
-                    tracing::debug!(connection = context.id, backend = %state.address, error = %error, "backend connect failed");
-                    last_error = Some(error);
+                    tracing::debug!(connection = context.id, backend = %state.address, error = error.as_ref().map(tracing::field::display), "backend connect failed");
+                    last_error = error.or(last_error);
                 }
             }
         }

@@ -195,7 +195,7 @@ fn finish(
         listener = %context.listener,
         source = %context.source,
         backend = backend.unwrap_or("-"),
-        backend_address = ?metrics.backend,
+        backend_address = metrics.backend.map(tracing::field::display),
         bytes_received = metrics.bytes_received,
         bytes_sent = metrics.bytes_sent,
         duration_ms = metrics.lifetime.as_millis() as u64,
