@@ -29,16 +29,9 @@ pub async fn serve(socket: TcpListener, proxy: Arc<Proxy>, stop: CancellationTok
 }
 
 async fn readyz(State(proxy): State<Arc<Proxy>>) -> impl IntoResponse {
-    if proxy.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    }
+    if proxy.is_ready() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
 }
 
 async fn metrics(State(proxy): State<Arc<Proxy>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        proxy.metrics().encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], proxy.metrics().encode())
 }

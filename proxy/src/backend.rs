@@ -138,7 +138,11 @@ impl BackendState {
 
     /// Connects to one of the backend's addresses, starting at a rotating one and trying the
     /// others (a host name may resolve to several) before the backend counts as failed.
-    async fn connect(&self, src: SocketAddr, timeout: Duration) -> Result<(TcpStream, SocketAddr), (Failure, Option<ConnectionError>)> {
+    async fn connect(
+        &self,
+        src: SocketAddr,
+        timeout: Duration,
+    ) -> Result<(TcpStream, SocketAddr), (Failure, Option<ConnectionError>)> {
         let addrs = self.resolved.load_full();
         let start = self.next_address.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
@@ -146,8 +150,15 @@ impl BackendState {
             let dst = addrs[(start + k) % addrs.len()];
             match tokio::time::timeout(timeout, TcpStream::connect(dst)).await {
                 Ok(Ok(stream)) => return Ok((stream, dst)),
-                Ok(Err(source)) => last = Some((Failure::Refused, ConnectionError::ConnectionFailed { src, dst, source })),
-                Err(_) => last = Some((Failure::Timeout, ConnectionError::Timeout { src, dst, operation: "connect", after: timeout })),
+                Ok(Err(source)) => {
+                    last = Some((Failure::Refused, ConnectionError::ConnectionFailed { src, dst, source }))
+                }
+                Err(_) => {
+                    last = Some((
+                        Failure::Timeout,
+                        ConnectionError::Timeout { src, dst, operation: "connect", after: timeout },
+                    ))
+                }
             }
         }
         Err(match last {
@@ -323,7 +334,8 @@ mod tests {
 
     fn state(cooldown_ms: u64) -> (BackendState, Duration) {
         let config = check(
-            &parse_yaml("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n").unwrap(),
+            &parse_yaml("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n")
+                .unwrap(),
         )
         .unwrap();
         let metrics = Metrics::new();

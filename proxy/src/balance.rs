@@ -44,7 +44,12 @@ impl Balancer {
     }
 
     /// The index of the chosen backend among those `eligible`, or `None` if none is.
-    pub fn pick<C: Candidate>(&self, backends: &[C], client: IpAddr, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+    pub fn pick<C: Candidate>(
+        &self,
+        backends: &[C],
+        client: IpAddr,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         match self.kind {
             LoadBalancing::RoundRobin => self.round_robin(backends, eligible),
             LoadBalancing::LeastConnections => self.least_connections(backends, eligible),
@@ -154,7 +159,11 @@ mod tests {
     }
 
     fn fakes(weights: &[u32]) -> Vec<Fake> {
-        weights.iter().enumerate().map(|(i, &weight)| Fake { key: format!("10.0.0.{i}:80"), weight, active: 0 }).collect()
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| Fake { key: format!("10.0.0.{i}:80"), weight, active: 0 })
+            .collect()
     }
 
     const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);

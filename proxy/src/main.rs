@@ -98,9 +98,8 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     // Logs go through a bounded queue to a writer thread so a slow stdout never stalls a worker;
     // when the queue is full, callers wait rather than lose lines.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stdout());
+    let (writer, guard) =
+        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stdout());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);

@@ -109,14 +109,26 @@ impl Metrics {
         r.register("connections_active", "Connections open now", m.active.clone());
         r.register("bytes_received", "Bytes read from clients", m.bytes_received.clone());
         r.register("bytes_sent", "Bytes written to clients", m.bytes_sent.clone());
-        r.register("accept_errors", "Errors accepting a connection (e.g. out of file descriptors)", m.accept_errors.clone());
+        r.register(
+            "accept_errors",
+            "Errors accepting a connection (e.g. out of file descriptors)",
+            m.accept_errors.clone(),
+        );
         r.register("connect_duration_seconds", "Time to establish the backend leg", m.connect_time.clone());
         r.register("connection_duration_seconds", "Lifetime of finished connections", m.duration.clone());
         r.register("backend_connections_active", "Connections open now, per backend", m.backend_active.clone());
         r.register("backend_failures", "Failed connects to a backend, by reason", m.backend_failures.clone());
-        r.register("backend_ejected", "1 while a backend is ejected after consecutive failures", m.backend_ejected.clone());
+        r.register(
+            "backend_ejected",
+            "1 while a backend is ejected after consecutive failures",
+            m.backend_ejected.clone(),
+        );
         r.register("backend_ejections", "Times a backend was ejected", m.backend_ejections.clone());
-        r.register("backend_resolve_failures", "Failed re-resolutions of a backend host name", m.backend_resolve_failures.clone());
+        r.register(
+            "backend_resolve_failures",
+            "Failed re-resolutions of a backend host name",
+            m.backend_resolve_failures.clone(),
+        );
         r.register("config_reloads", "Config reloads, by result", m.reloads.clone());
         m
     }
@@ -141,7 +153,8 @@ impl Metrics {
     /// Handles for one backend of one listener.
     pub fn backend(&self, listener: &str, backend: &str) -> BackendMetrics {
         let l = BackendLabels { listener: listener.to_owned(), backend: backend.to_owned() };
-        let reason = |reason| BackendReasonLabels { listener: listener.to_owned(), backend: backend.to_owned(), reason };
+        let reason =
+            |reason| BackendReasonLabels { listener: listener.to_owned(), backend: backend.to_owned(), reason };
         BackendMetrics {
             active: handle(&self.backend_active, &l),
             failures_refused: handle(&self.backend_failures, &reason("connect_failed")),

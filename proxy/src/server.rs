@@ -177,15 +177,14 @@ impl Proxy {
         }
         state.listeners = next;
 
+        // The admin server moves when its address changes and stops when it is removed.
+        if (admin.is_some() || config.admin.is_none())
+            && let Some(old) = state.admin.take()
+        {
+            old.stop.cancel();
+        }
         if let Some((address, socket)) = admin {
-            if let Some(old) = state.admin.take() {
-                old.stop.cancel();
-            }
             state.admin = Some(self.spawn_admin(address, socket));
-        } else if config.admin.is_none() {
-            if let Some(old) = state.admin.take() {
-                old.stop.cancel();
-            }
         }
         self.config.store(Arc::new(config));
         Ok(())
@@ -204,13 +203,22 @@ impl Proxy {
         };
         self.metrics.reload(result.is_ok());
         match &result {
-            Ok(()) => tracing::info!(path = %path.display(), listeners = self.config.load().listeners.len(), "config reloaded"),
-            Err(e) => tracing::error!(path = %path.display(), error = %e, reason = e.label(), "config reload rejected; the previous config stays in force"),
+            Ok(()) => {
+                tracing::info!(path = %path.display(), listeners = self.config.load().listeners.len(), "config reloaded")
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, reason = e.label(), "config reload rejected; the previous config stays in force")
+            }
         }
         result
     }
 
-    fn spawn_accept_loop(&self, configured: SocketAddr, socket: TcpListener, manager: Arc<TcpConnectionManager>) -> RunningListener {
+    fn spawn_accept_loop(
+        &self,
+        configured: SocketAddr,
+        socket: TcpListener,
+        manager: Arc<TcpConnectionManager>,
+    ) -> RunningListener {
         let local = socket.local_addr().unwrap_or(configured);
         let stop_accepting = CancellationToken::new();
         tracing::info!(listener = %manager.settings().name, address = %local, "listening");

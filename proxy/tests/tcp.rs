@@ -14,10 +14,7 @@ use tokio::{
 
 fn listener_yaml(name: &str, backends: &[SocketAddr], extra: &str) -> String {
     let backends: Vec<String> = backends.iter().map(|b| format!("{{address: '{b}'}}")).collect();
-    format!(
-        "- name: {name}\n  address: 127.0.0.1:0\n  backends: [{}]\n{extra}",
-        backends.join(", ")
-    )
+    format!("- name: {name}\n  address: 127.0.0.1:0\n  backends: [{}]\n{extra}", backends.join(", "))
 }
 
 async fn proxy_to(backends: &[SocketAddr], extra: &str) -> (Arc<Proxy>, SocketAddr) {
@@ -148,7 +145,8 @@ async fn refused_backend_is_skipped_for_the_next() {
     }
     assert_eq!(echo.accepted(), 4);
     let metrics = metrics_text(&proxy).await;
-    let failures = format!(r#"l4proxy_backend_failures_total{{listener="web",backend="{dead}",reason="connect_failed"}}"#);
+    let failures =
+        format!(r#"l4proxy_backend_failures_total{{listener="web",backend="{dead}",reason="connect_failed"}}"#);
     assert!(metric(&metrics, &failures) >= 1.0, "{metrics}");
 }
 
@@ -170,13 +168,19 @@ async fn backend_is_ejected_after_three_failures_and_readmitted_after_cooldown()
     let metrics = metrics_text(&proxy).await;
     assert_eq!(metric(&metrics, &format!(r#"l4proxy_backend_ejected{{listener="web",backend="{dead}"}}"#)), 1.0);
     // While ejected it is not tried: no new failures.
-    let failures_before = metric(&metrics, &format!(r#"l4proxy_backend_failures_total{{listener="web",backend="{dead}",reason="connect_failed"}}"#));
+    let failures_before = metric(
+        &metrics,
+        &format!(r#"l4proxy_backend_failures_total{{listener="web",backend="{dead}",reason="connect_failed"}}"#),
+    );
     for _ in 0..4 {
         echo_through(address).await;
     }
     let metrics = metrics_text(&proxy).await;
     assert_eq!(
-        metric(&metrics, &format!(r#"l4proxy_backend_failures_total{{listener="web",backend="{dead}",reason="connect_failed"}}"#)),
+        metric(
+            &metrics,
+            &format!(r#"l4proxy_backend_failures_total{{listener="web",backend="{dead}",reason="connect_failed"}}"#)
+        ),
         failures_before
     );
     // The backend comes back; after the cooldown it is readmitted and gets traffic again.
@@ -222,7 +226,10 @@ async fn backend_over_connect_timeout_is_skipped_for_the_next() {
     echo_through(address).await;
     assert!(started.elapsed() >= Duration::from_millis(200), "waited for the connect timeout");
     let metrics = metrics_text(&proxy).await;
-    let series = format!(r#"l4proxy_backend_failures_total{{listener="web",backend="{}",reason="connect_timeout"}}"#, blackhole.address);
+    let series = format!(
+        r#"l4proxy_backend_failures_total{{listener="web",backend="{}",reason="connect_timeout"}}"#,
+        blackhole.address
+    );
     assert_eq!(metric(&metrics, &series), 1.0);
 }
 
@@ -231,7 +238,9 @@ async fn reload_keeps_established_connections_and_applies_to_new_ones() {
     let old_backend = Echo::start().await;
     let new_backend = Echo::start().await;
     let yaml = |backend: SocketAddr| {
-        format!("admin: {{address: 127.0.0.1:0}}\nlisteners:\n- name: web\n  address: 127.0.0.1:0\n  backends: [{{address: '{backend}'}}]\n")
+        format!(
+            "admin: {{address: 127.0.0.1:0}}\nlisteners:\n- name: web\n  address: 127.0.0.1:0\n  backends: [{{address: '{backend}'}}]\n"
+        )
     };
     let proxy = start_proxy(&yaml(old_backend.address)).await;
     let address = proxy.listener_address("web").unwrap();
@@ -325,7 +334,10 @@ async fn ipv6_listener_and_backend_forward() {
 #[tokio::test]
 async fn host_name_backend_is_resolved_and_used() {
     let echo = Echo::start().await;
-    let yaml = format!("listeners:\n- name: dns\n  address: 127.0.0.1:0\n  backends: [{{address: 'localhost:{}'}}]\n", echo.address.port());
+    let yaml = format!(
+        "listeners:\n- name: dns\n  address: 127.0.0.1:0\n  backends: [{{address: 'localhost:{}'}}]\n",
+        echo.address.port()
+    );
     let proxy = start_proxy(&yaml).await;
     echo_through(proxy.listener_address("dns").unwrap()).await;
     assert_eq!(echo.accepted(), 1);

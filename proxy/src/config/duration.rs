@@ -30,7 +30,9 @@ impl std::str::FromStr for ConfigDuration {
         let trimmed = s.trim();
         if trimmed.is_empty() || trimmed.bytes().all(|b| b.is_ascii_digit()) {
             // A bare number is ambiguous (seconds? milliseconds?): demand a unit.
-            return Err(format!("invalid duration {s:?}: expected a number with a unit, like \"5s\", \"2m\", \"500ms\""));
+            return Err(format!(
+                "invalid duration {s:?}: expected a number with a unit, like \"5s\", \"2m\", \"500ms\""
+            ));
         }
         humantime::parse_duration(trimmed)
             .map(Self)

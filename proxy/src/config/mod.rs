@@ -67,18 +67,22 @@ mod tests {
 
     #[test]
     fn unknown_field_is_an_error_naming_its_path() {
-        let err = parse_yaml("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: []\n  limits: {maxConection: 5}\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse_yaml(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: []\n  limits: {maxConection: 5}\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("listeners[0].limits.maxConection:"), "{err}");
         assert!(err.contains("unknown field `maxConection`"), "{err}");
     }
 
     #[test]
     fn wrong_type_is_an_error_naming_its_path_and_value() {
-        let err = parse_yaml("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: []\n  limits: {maxConnections: lots}\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse_yaml(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: []\n  limits: {maxConnections: lots}\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("listeners[0].limits.maxConnections:"), "{err}");
         assert!(err.contains("lots"), "{err}");
     }
@@ -94,9 +98,11 @@ mod tests {
 
     #[test]
     fn bad_duration_is_an_error_naming_its_path() {
-        let err = parse_yaml("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: []\n  limits: {idleTimeout: soon}\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse_yaml(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: []\n  limits: {idleTimeout: soon}\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("listeners[0].limits.idleTimeout:"), "{err}");
         assert!(err.contains("\"soon\""), "{err}");
     }

@@ -64,7 +64,10 @@ pub struct BackendConfig {
 pub enum BackendTarget {
     Ip(SocketAddr),
     /// Re-resolved periodically while the proxy runs.
-    Dns { host: String, port: u16 },
+    Dns {
+        host: String,
+        port: u16,
+    },
 }
 
 /// Limits with every default applied.
@@ -120,7 +123,10 @@ pub fn check(file: &ProxyConfig) -> Result<Config, ConfigError> {
     for (i, listener) in file.listeners.iter().enumerate() {
         let checked = check_listener(&format!("listeners[{i}]"), listener)?;
         if !names.insert(checked.name.clone()) {
-            return Err(ConfigError::invalid(format!("listeners[{i}].name"), format!("duplicate listener name {:?}", checked.name)));
+            return Err(ConfigError::invalid(
+                format!("listeners[{i}].name"),
+                format!("duplicate listener name {:?}", checked.name),
+            ));
         }
         if !addresses.insert((checked.protocol, checked.address)) {
             return Err(ConfigError::invalid(
@@ -157,7 +163,10 @@ fn check_listener(path: &str, listener: &schema::Listener) -> Result<ListenerCon
         let bpath = format!("{path}.backends[{i}]");
         let checked = check_backend(&bpath, backend)?;
         if !seen.insert(checked.address.clone()) {
-            return Err(ConfigError::invalid(format!("{bpath}.address"), format!("duplicate backend {:?}", checked.address)));
+            return Err(ConfigError::invalid(
+                format!("{bpath}.address"),
+                format!("duplicate backend {:?}", checked.address),
+            ));
         }
         backends.push(checked);
     }
@@ -182,7 +191,9 @@ fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
     } else {
         Err(ConfigError::invalid(
             path,
-            format!("invalid name {name:?}: use 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'"),
+            format!(
+                "invalid name {name:?}: use 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'"
+            ),
         ))
     }
 }
@@ -211,7 +222,9 @@ fn check_limits(path: &str, limits: &schema::Limits) -> Result<EffectiveLimits, 
         ));
     }
     let positive = |field: &str, value: Option<ConfigDuration>, default: ConfigDuration| match value {
-        Some(d) if d.get().is_zero() => Err(ConfigError::invalid(format!("{path}.{field}"), format!("{d} must be greater than zero"))),
+        Some(d) if d.get().is_zero() => {
+            Err(ConfigError::invalid(format!("{path}.{field}"), format!("{d} must be greater than zero")))
+        }
         Some(d) => Ok(d),
         None => Ok(default),
     };
@@ -225,7 +238,10 @@ fn check_limits(path: &str, limits: &schema::Limits) -> Result<EffectiveLimits, 
 
 fn parse_socket_addr(path: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     text.parse().map_err(|_| {
-        ConfigError::invalid(path, format!("invalid address {text:?}: expected ip:port, like 127.0.0.1:8080 or [::1]:8080"))
+        ConfigError::invalid(
+            path,
+            format!("invalid address {text:?}: expected ip:port, like 127.0.0.1:8080 or [::1]:8080"),
+        )
     })
 }
 
@@ -262,7 +278,8 @@ mod tests {
         check(&parse_yaml(yaml)?)
     }
 
-    const MINIMAL: &str = "listeners:\n- name: web\n  address: 127.0.0.1:8080\n  backends: [{address: 127.0.0.1:9000}]\n";
+    const MINIMAL: &str =
+        "listeners:\n- name: web\n  address: 127.0.0.1:8080\n  backends: [{address: 127.0.0.1:9000}]\n";
 
     #[test]
     fn minimal_listener_gets_documented_defaults() {
@@ -279,14 +296,18 @@ mod tests {
 
     #[test]
     fn ipv6_addresses_are_accepted() {
-        let config = checked("listeners:\n- name: v6\n  address: '[::1]:8080'\n  backends: [{address: '[::1]:9000'}]\n").unwrap();
+        let config =
+            checked("listeners:\n- name: v6\n  address: '[::1]:8080'\n  backends: [{address: '[::1]:9000'}]\n")
+                .unwrap();
         assert_eq!(config.listeners[0].address, "[::1]:8080".parse().unwrap());
         assert_eq!(config.listeners[0].backends[0].target, BackendTarget::Ip("[::1]:9000".parse().unwrap()));
     }
 
     #[test]
     fn host_name_backend_is_kept_for_resolution() {
-        let config = checked("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 'localhost:9000'}]\n").unwrap();
+        let config =
+            checked("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 'localhost:9000'}]\n")
+                .unwrap();
         assert_eq!(config.listeners[0].backends[0].target, BackendTarget::Dns { host: "localhost".into(), port: 9000 });
     }
 
@@ -303,20 +324,26 @@ mod tests {
 
     #[test]
     fn bad_backend_address_names_field_and_value() {
-        let err = error_of("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:9000}, {address: 'bad host:x'}]\n");
+        let err = error_of(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:9000}, {address: 'bad host:x'}]\n",
+        );
         assert!(err.starts_with("listeners[0].backends[1].address:"), "{err}");
         assert!(err.contains("bad host:x"), "{err}");
     }
 
     #[test]
     fn duplicate_listener_names_are_rejected() {
-        let err = error_of(&format!("{MINIMAL}- name: web\n  address: 127.0.0.1:8081\n  backends: [{{address: 127.0.0.1:9000}}]\n"));
+        let err = error_of(&format!(
+            "{MINIMAL}- name: web\n  address: 127.0.0.1:8081\n  backends: [{{address: 127.0.0.1:9000}}]\n"
+        ));
         assert!(err.starts_with("listeners[1].name:"), "{err}");
     }
 
     #[test]
     fn duplicate_listener_addresses_are_rejected() {
-        let err = error_of(&format!("{MINIMAL}- name: web2\n  address: 127.0.0.1:8080\n  backends: [{{address: 127.0.0.1:9000}}]\n"));
+        let err = error_of(&format!(
+            "{MINIMAL}- name: web2\n  address: 127.0.0.1:8080\n  backends: [{{address: 127.0.0.1:9000}}]\n"
+        ));
         assert!(err.starts_with("listeners[1].address:"), "{err}");
     }
 
@@ -328,25 +355,33 @@ mod tests {
 
     #[test]
     fn weight_out_of_range_is_rejected() {
-        let err = error_of("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2, weight: 0}]\n");
+        let err = error_of(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2, weight: 0}]\n",
+        );
         assert!(err.starts_with("listeners[0].backends[0].weight:"), "{err}");
     }
 
     #[test]
     fn zero_max_connections_is_rejected() {
-        let err = error_of("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n  limits: {maxConnections: 0}\n");
+        let err = error_of(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n  limits: {maxConnections: 0}\n",
+        );
         assert!(err.starts_with("listeners[0].limits.maxConnections:"), "{err}");
     }
 
     #[test]
     fn zero_timeout_is_rejected() {
-        let err = error_of("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n  limits: {idleTimeout: 0s}\n");
+        let err = error_of(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n  limits: {idleTimeout: 0s}\n",
+        );
         assert!(err.starts_with("listeners[0].limits.idleTimeout:"), "{err}");
     }
 
     #[test]
     fn udp_listener_is_rejected_until_supported() {
-        let err = error_of("listeners:\n- name: dns\n  protocol: UDP\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n");
+        let err = error_of(
+            "listeners:\n- name: dns\n  protocol: UDP\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n",
+        );
         assert!(err.starts_with("listeners[0].protocol:"), "{err}");
         assert!(err.contains("UDP"), "{err}");
     }
@@ -360,7 +395,10 @@ mod tests {
 
     #[tokio::test]
     async fn unresolvable_host_is_an_error_naming_it() {
-        let file = parse_yaml("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 'no-such-host.invalid:80'}]\n").unwrap();
+        let file = parse_yaml(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 'no-such-host.invalid:80'}]\n",
+        )
+        .unwrap();
         let err = Config::from_file_config(file).await.unwrap_err().to_string();
         assert!(err.starts_with("listeners[0].backends[0].address:"), "{err}");
         assert!(err.contains("no-such-host.invalid"), "{err}");

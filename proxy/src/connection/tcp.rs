@@ -127,10 +127,8 @@ impl ConnectionManager for TcpConnectionManager {
         let limits = *settings.limits();
         let mut metrics = ConnectionMetrics::default();
 
-        let connected = settings
-            .backends
-            .connect(&context, limits.connect_timeout.get(), limits.ejection_cooldown.get())
-            .await;
+        let connected =
+            settings.backends.connect(&context, limits.connect_timeout.get(), limits.ejection_cooldown.get()).await;
         let Connected { stream: backend, address, lease, attempts } = match connected {
             Ok(connected) => connected,
             Err(error) => {
@@ -203,4 +201,126 @@ fn finish(
         error = error.map(tracing::field::display),
         "connection closed"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, parse_yaml};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    async fn manager(max: u32, backend: SocketAddr) -> (TcpConnectionManager, Metrics) {
+        let yaml = format!(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{{address: '{backend}'}}]\n  limits: {{maxConnections: {max}}}\n"
+        );
+        let config = Config::from_file_config(parse_yaml(&yaml).unwrap()).await.unwrap();
+        let metrics = Metrics::new();
+        let settings = TcpListenerSettings::new(config.listeners[0].clone(), None, &metrics);
+        (TcpConnectionManager::new(settings, CancellationToken::new()), metrics)
+    }
+
+    /// A connected client stream (the client half stays in the returned pair).
+    async fn accepted_pair(listener: &TcpListener) -> (TcpStream, TcpStream, SocketAddr) {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        (client, server, peer)
+    }
+
+    #[tokio::test]
+    async fn connection_manager_refuses_over_the_limit_and_frees_slots_on_drop() {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (manager, _metrics) = manager(2, "127.0.0.1:9".parse().unwrap()).await;
+        let local = front.local_addr().unwrap();
+        let mut admitted = Vec::new();
+        for _ in 0..2 {
+            let (_c, s, peer) = accepted_pair(&front).await;
+            admitted.push(manager.create_connection(s, peer, local).unwrap());
+        }
+        assert_eq!(manager.connection_count(), 2);
+        assert!(!manager.can_accept_connection());
+        let (_c, s, peer) = accepted_pair(&front).await;
+        let err = manager.create_connection(s, peer, local).err().expect("over the limit");
+        assert_eq!(err.label(), "limit");
+        assert!(err.to_string().contains(&peer.to_string()), "{err}");
+        drop(admitted.pop());
+        assert_eq!(manager.connection_count(), 1);
+        assert!(manager.can_accept_connection());
+    }
+
+    #[tokio::test]
+    async fn connection_context_ids_are_unique_and_carry_addresses() {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (manager, _metrics) = manager(10, "127.0.0.1:9".parse().unwrap()).await;
+        let local = front.local_addr().unwrap();
+        let (_c1, s1, p1) = accepted_pair(&front).await;
+        let (_c2, s2, p2) = accepted_pair(&front).await;
+        let a = manager.create_connection(s1, p1, local).unwrap();
+        let b = manager.create_connection(s2, p2, local).unwrap();
+        assert_ne!(a.context.id, b.context.id);
+        assert_eq!((a.context.source, a.context.destination), (p1, local));
+        assert_eq!(&*a.context.listener, "web");
+    }
+
+    #[tokio::test]
+    async fn reloaded_limit_applies_to_new_connections() {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (manager, metrics) = manager(1, "127.0.0.1:9".parse().unwrap()).await;
+        assert_eq!(manager.max_connections(), 1);
+        let mut config = manager.settings().config.clone();
+        config.limits.max_connections = 3;
+        manager.update(config, &metrics);
+        assert_eq!(manager.max_connections(), 3);
+        let local = front.local_addr().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let (_c, s, p) = accepted_pair(&front).await;
+            held.push(manager.create_connection(s, p, local).unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn handled_connection_reports_bytes_lifecycle_and_close_reason() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = upstream.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            let mut request = Vec::new();
+            s.read_to_end(&mut request).await.unwrap();
+            s.write_all(b"reply of 17 bytes").await.unwrap();
+        });
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (manager, _metrics) = manager(1, backend).await;
+        let (mut client, server, peer) = accepted_pair(&front).await;
+        let connection = manager.create_connection(server, peer, front.local_addr().unwrap()).unwrap();
+        let handled = tokio::spawn(async move { manager.handle_connection(connection).await });
+        client.write_all(b"hello").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"reply of 17 bytes");
+        let metrics = handled.await.unwrap().unwrap();
+        assert_eq!(metrics.backend, Some(backend));
+        assert_eq!((metrics.bytes_received, metrics.bytes_sent), (5, 17));
+        assert_eq!(metrics.close_reason, CloseReason::Completed);
+        assert_eq!(metrics.connect_attempts, 1);
+        let l = metrics.lifecycle;
+        assert!(l.backend_connected <= l.client_finished && l.client_finished <= l.closed, "{l:?}");
+        assert!(l.backend_finished.is_some());
+    }
+
+    #[tokio::test]
+    async fn handled_connection_to_a_dead_backend_fails_with_its_address() {
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (manager, _metrics) = manager(1, dead).await;
+        let (_client, server, peer) = accepted_pair(&front).await;
+        let connection = manager.create_connection(server, peer, front.local_addr().unwrap()).unwrap();
+        let err = manager.handle_connection(connection).await.unwrap_err();
+        assert_eq!(err.label(), "connect_failed");
+        assert!(err.to_string().contains(&dead.to_string()), "{err}");
+        assert_eq!(manager.connection_count(), 0, "the slot is freed on failure");
+    }
 }

@@ -1,0 +1,270 @@
+//! The `l4proxy` binary as users run it: exit codes, signals, reload from the file.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+};
+
+use support::*;
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_l4proxy");
+
+/// A running `l4proxy run`, killed on drop; its stdout (JSON logs) goes to a file.
+struct Running {
+    child: Child,
+    log: PathBuf,
+    admin: SocketAddr,
+}
+
+impl Running {
+    async fn start(dir: &Path, config: &Path, extra: &[&str], admin: SocketAddr) -> Self {
+        let log = dir.join("l4proxy.log");
+        let child = Command::new(BIN)
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(config)
+            .args(extra)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start l4proxy");
+        let running = Self { child, log, admin };
+        wait_until_async("the proxy is ready", || async { TcpStream::connect(admin).await.is_ok() }).await;
+        assert_eq!(http_get(admin, "/readyz").await.0, 200);
+        running
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -{name}");
+    }
+
+    async fn wait_exit(&mut self) -> ExitStatus {
+        let mut status = None;
+        wait_until("the proxy exits", || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        })
+        .await;
+        status.unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics").await.1
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("l4proxy-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("config.yaml");
+    // Write then rename, so the file watcher never reads half a file.
+    let tmp = dir.join("config.yaml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+fn listener(name: &str, port: u16, backend: SocketAddr) -> String {
+    format!("- name: {name}\n  address: 127.0.0.1:{port}\n  backends: [{{address: '{backend}'}}]\n")
+}
+
+fn check(config: &Path) -> Output {
+    Command::new(BIN).args(["check", "--config"]).arg(config).output().unwrap()
+}
+
+#[test]
+fn check_accepts_the_quickstart_example() {
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.yaml");
+    let out = check(&quickstart);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn check_rejects_a_typo_with_the_field_path_and_exit_code_64() {
+    let dir = temp_dir("typo");
+    let config = write_config(
+        &dir,
+        "listeners:\n- name: web\n  address: 127.0.0.1:8080\n  backends: [{address: 127.0.0.1:9000}]\n  limits: {maxConection: 10}\n",
+    );
+    let out = check(&config);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listeners[0].limits.maxConection"), "{stderr}");
+}
+
+#[test]
+fn run_with_a_bad_value_exits_64_naming_field_and_value_before_binding() {
+    let dir = temp_dir("badvalue");
+    let port = free_port();
+    let config = write_config(
+        &dir,
+        &format!(
+            "listeners:\n- name: web\n  address: 127.0.0.1:{port}\n  backends: [{{address: '127.0.0.1:9000'}}, {{address: 'db:port'}}]\n"
+        ),
+    );
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listeners[0].backends[1].address") && stderr.contains("db:port"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("listening"), "nothing was bound: {stdout}");
+}
+
+#[test]
+fn run_with_a_missing_file_exits_64_naming_it() {
+    let out = Command::new(BIN).args(["run", "--config", "/nonexistent/l4proxy.yaml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/l4proxy.yaml"));
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_lets_open_connections_finish_and_exits_zero() {
+    let dir = temp_dir("sigterm");
+    let echo = Echo::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(
+        &dir,
+        &format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n{}", listener("web", port, echo.address)),
+    );
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let mut proxy = Running::start(&dir, &config, &[], admin).await;
+    let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut open = echo_through(address).await;
+
+    proxy.signal("TERM");
+    wait_until_async("new connections are refused", || async { TcpStream::connect(address).await.is_err() }).await;
+    assert_eq!(round_trip(&mut open, b"still served").await, b"still served");
+    assert!(proxy.child.try_wait().unwrap().is_none(), "waits for the open connection");
+    drop(open);
+    assert!(proxy.wait_exit().await.success());
+    assert!(proxy.log().contains(r#""cut":0"#), "{}", proxy.log());
+}
+
+#[tokio::test]
+async fn sigterm_cuts_connections_still_open_after_the_drain_timeout() {
+    let dir = temp_dir("drain");
+    let echo = Echo::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(
+        &dir,
+        &format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n{}", listener("web", port, echo.address)),
+    );
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let mut proxy = Running::start(&dir, &config, &["--drain-timeout", "300ms"], admin).await;
+    let mut open = echo_through(format!("127.0.0.1:{port}").parse().unwrap()).await;
+
+    proxy.signal("TERM");
+    assert!(read_to_eof(&mut open).await.map(|b| b.is_empty()).unwrap_or(true), "cut after the drain timeout");
+    assert!(proxy.wait_exit().await.success());
+    assert!(proxy.log().contains(r#""cut":1"#), "{}", proxy.log());
+}
+
+#[tokio::test]
+async fn sighup_reload_adds_a_listener_without_dropping_open_connections() {
+    let dir = temp_dir("sighup");
+    let echo = Echo::start().await;
+    let (a, b, admin) = (free_port(), free_port(), free_port());
+    let head = format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n");
+    let config = write_config(&dir, &format!("{head}{}", listener("a", a, echo.address)));
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    // A long watch interval: this test is about SIGHUP, not the file watcher.
+    let proxy = Running::start(&dir, &config, &["--watch-interval", "1h"], admin).await;
+    let mut open = echo_through(format!("127.0.0.1:{a}").parse().unwrap()).await;
+
+    write_config(&dir, &format!("{head}{}{}", listener("a", a, echo.address), listener("b", b, echo.address)));
+    proxy.signal("HUP");
+    let b_address: SocketAddr = format!("127.0.0.1:{b}").parse().unwrap();
+    wait_until_async("listener b accepts", || async { TcpStream::connect(b_address).await.is_ok() }).await;
+    echo_through(b_address).await;
+    assert_eq!(round_trip(&mut open, b"kept").await, b"kept");
+    assert_eq!(metric(&proxy.metrics().await, r#"l4proxy_config_reloads_total{result="success"}"#), 1.0);
+}
+
+#[tokio::test]
+async fn changed_file_is_reloaded_and_an_invalid_one_changes_nothing_and_is_counted() {
+    let dir = temp_dir("watch");
+    let echo = Echo::start().await;
+    let (a, b, admin) = (free_port(), free_port(), free_port());
+    let head = format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n");
+    let config = write_config(&dir, &format!("{head}{}", listener("a", a, echo.address)));
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let proxy = Running::start(&dir, &config, &["--watch-interval", "50ms"], admin).await;
+    let a_address: SocketAddr = format!("127.0.0.1:{a}").parse().unwrap();
+
+    write_config(&dir, &format!("{head}{}  limits: {{maxConections: 5}}\n", listener("a", a, echo.address)));
+    let failure = r#"l4proxy_config_reloads_total{result="failure"}"#;
+    wait_until_async("the bad file is counted", || async { metric(&proxy.metrics().await, failure) == 1.0 }).await;
+    assert!(proxy.log().contains("listeners[0].limits.maxConections"), "logged with the field path");
+    echo_through(a_address).await;
+
+    write_config(&dir, &format!("{head}{}{}", listener("a", a, echo.address), listener("b", b, echo.address)));
+    let b_address: SocketAddr = format!("127.0.0.1:{b}").parse().unwrap();
+    wait_until_async("listener b accepts", || async { TcpStream::connect(b_address).await.is_ok() }).await;
+    echo_through(b_address).await;
+    echo_through(a_address).await;
+}
+
+#[tokio::test]
+async fn access_log_has_one_line_per_closed_connection() {
+    let dir = temp_dir("access");
+    let echo = Echo::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(
+        &dir,
+        &format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n{}", listener("web", port, echo.address)),
+    );
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let proxy = Running::start(&dir, &config, &[], admin).await;
+    for _ in 0..3 {
+        let stream = echo_through(format!("127.0.0.1:{port}").parse().unwrap()).await;
+        drop(stream);
+    }
+    let lines =
+        || proxy.log().lines().filter(|l| l.contains("connection closed")).map(str::to_owned).collect::<Vec<_>>();
+    wait_until("three access-log lines", || lines().len() == 3).await;
+    let line: serde_json::Value = serde_json::from_str(&lines()[0]).unwrap();
+    assert_eq!(line["target"], "l4proxy::access");
+    assert_eq!(line["listener"], "web");
+    assert_eq!(line["backend"], echo.address.to_string());
+    assert_eq!(line["bytes_received"], 4);
+    assert_eq!(line["bytes_sent"], 4);
+    assert!(line["source"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(line["duration_ms"].is_u64());
+    assert!(line["reason"].is_string());
+}
+
+#[tokio::test]
+async fn run_without_config_serves_the_embedded_quickstart() {
+    // The quickstart uses its documented fixed ports, 8080 and 9901.
+    for port in [8080, 9901] {
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "port {port} must be free for this test");
+    }
+    let mut child = Command::new(BIN).arg("run").stdout(Stdio::null()).spawn().unwrap();
+    let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
+    wait_until_async("the quickstart is up", || async { TcpStream::connect(admin).await.is_ok() }).await;
+    let (status, body) = http_get("127.0.0.1:8080".parse().unwrap(), "/stats").await;
+    assert_eq!(status, 200, "the quickstart listener forwards to the admin server");
+    assert!(body.contains(r#""name":"web""#), "{body}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
