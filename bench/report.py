@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Parsing and reporting for bench/run.sh (standard library only).
+
+    report.py wrk FILE          -> "<requests/s> <p99 ms> <errors> <requests>"  from `wrk --latency`
+    report.py iperf FILE        -> "<Gbit/s received> <retransmits> <bytes received>"  from `iperf3 -J`
+    report.py table RESULTS META -> Markdown report on stdout
+
+RESULTS is a TSV of `test path round metric value` lines written by run.sh; META is a TSV of
+`key value` lines (machine, versions, parameters).
+"""
+
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+
+UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def parse_wrk(path: str) -> str:
+    text = open(path, encoding="utf-8", errors="replace").read()
+    rps = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
+    p99 = re.search(r"^\s+99(?:\.000)?%\s+([0-9.]+)(us|ms|s|m|h)\s*$", text, re.M)
+    if not rps or not p99:
+        raise SystemExit(f"cannot parse wrk output {path}")
+    errors = 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if sock:
+        errors += sum(int(x) for x in sock.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    p99_ms = float(p99.group(1)) * UNITS_MS[p99.group(2)]
+    total = re.search(r"^\s*(\d+) requests in", text, re.M)
+    return f"{float(rps.group(1)):.1f} {p99_ms:.4f} {errors} {total.group(1) if total else 0}"
+
+
+def parse_iperf(path: str) -> str:
+    data = json.load(open(path, encoding="utf-8"))
+    if "error" in data:
+        raise SystemExit(f"iperf3 error in {path}: {data['error']}")
+    end = data["end"]
+    bps = end["sum_received"]["bits_per_second"]
+    retr = end.get("sum_sent", {}).get("retransmits", 0)
+    return f"{bps / 1e9:.3f} {retr} {end['sum_received']['bytes']}"
+
+
+PATHS = ["direct", "haproxy", "l4proxy"]
+NAMES = {"direct": "direct", "haproxy": "HAProxy", "l4proxy": "l4proxy"}
+
+# (test, metric, label, unit, higher_is_better, decimals)
+ROWS = [
+    ("iperf1", "gbps", "iperf3 throughput, 1 stream", "Gbit/s", True, 2),
+    ("iperf8", "gbps", "iperf3 throughput, 8 streams", "Gbit/s", True, 2),
+    ("close", "rps", "new connections (`Connection: close`)", "req/s = conn/s", True, 0),
+    ("close", "p99_ms", "new connections: p99 latency", "ms", False, 3),
+    ("keepalive", "rps", "keep-alive requests", "req/s", True, 0),
+    ("keepalive", "p99_ms", "keep-alive: p99 latency", "ms", False, 3),
+    ("mem", "anon_kib_per_conn", "user-space memory per idle connection (Anonymous)", "KiB", False, 2),
+    ("mem", "privdirty_kib_per_conn", "same, Private_Dirty", "KiB", False, 2),
+    ("mem", "rss_kib_per_conn", "same, VmRSS", "KiB", False, 2),
+]
+
+# Proxy CPU cost: CPU seconds of the proxy process during the run, normalised.
+CPU_ROWS = [
+    ("iperf1", "cpu_s_per_gb", "iperf3 1 stream: proxy CPU per GB moved", "CPU-ms/GB", 1000.0),
+    ("iperf8", "cpu_s_per_gb", "iperf3 8 streams: proxy CPU per GB moved", "CPU-ms/GB", 1000.0),
+    ("close", "cpu_s_per_req", "new connections: proxy CPU per connection", "CPU-µs/conn", 1e6),
+    ("keepalive", "cpu_s_per_req", "keep-alive: proxy CPU per request", "CPU-µs/req", 1e6),
+    ("close", "cpu_util", "new connections: proxy CPU use", "cores", 1.0),
+    ("keepalive", "cpu_util", "keep-alive: proxy CPU use", "cores", 1.0),
+]
+
+
+def fmt(v, decimals):
+    if v is None:
+        return "–"
+    if decimals == 0:
+        return f"{v:,.0f}"
+    return f"{v:,.{decimals}f}"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.2f}×"
+
+
+def table(results_path: str, meta_path: str) -> str:
+    values = defaultdict(list)  # (test, path, metric) -> [values in round order]
+    for line in open(results_path, encoding="utf-8"):
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) != 5:
+            continue
+        test, path, rnd, metric, value = parts
+        values[(test, path, metric)].append((int(rnd), float(value)))
+    meta = {}
+    for line in open(meta_path, encoding="utf-8"):
+        if "\t" in line:
+            k, v = line.rstrip("\n").split("\t", 1)
+            meta[k] = v
+
+    def med(test, path, metric):
+        vs = [v for _, v in values.get((test, path, metric), [])]
+        return statistics.median(vs) if vs else None
+
+    def spread(test, path, metric, decimals):
+        vs = [v for _, v in sorted(values.get((test, path, metric), []))]
+        return ", ".join(fmt(v, decimals) for v in vs) if vs else "–"
+
+    out = []
+    out.append("# l4proxy benchmark results\n")
+    out.append(
+        f"Run {meta.get('date', '?')} on {meta.get('cpu', '?')} ({meta.get('nproc', '?')} CPUs), "
+        f"kernel {meta.get('kernel', '?')}; l4proxy {meta.get('l4proxy_rev', '?')}, "
+        f"{meta.get('haproxy', '?')}, {meta.get('nginx', '?')}, {meta.get('wrk', '?')}, {meta.get('iperf3', '?')}.\n"
+    )
+    out.append(
+        f"Mode: {meta.get('mode', '?')}: {meta.get('rounds', '?')} interleaved round(s), "
+        f"{meta.get('duration', '?')} s per iperf3/wrk run, wrk `{meta.get('wrk_args', '?')}`, "
+        f"{meta.get('mem_conns', '?')} idle connections ({meta.get('mem_rounds', '?')} round(s), fresh proxy each). "
+        "Values are medians over the rounds. Proxies, load generators and backends all share the same "
+        "CPUs, so absolute numbers are machine-bound; the ratios are what matter. "
+        f"Machine CPU busy before/after the run (idle baseline): {meta.get('busy_before', '?')}% / "
+        f"{meta.get('busy_after', '?')}%.\n"
+    )
+    out.append("| Test | Unit | direct | HAProxy | l4proxy | l4proxy / HAProxy | l4proxy / direct |")
+    out.append("|---|---|--:|--:|--:|--:|--:|")
+    for test, metric, label, unit, _hib, dec in ROWS:
+        m = {p: med(test, p, metric) for p in PATHS}
+        if all(v is None for v in m.values()):
+            continue
+        out.append(
+            f"| {label} | {unit} | {fmt(m['direct'], dec)} | {fmt(m['haproxy'], dec)} | {fmt(m['l4proxy'], dec)} "
+            f"| {ratio(m['l4proxy'], m['haproxy'])} | {ratio(m['l4proxy'], m['direct'])} |"
+        )
+    out.append("")
+
+    out.append("Proxy CPU cost (CPU time of the proxy process during each run; medians):\n")
+    out.append("| Test | Unit | HAProxy | l4proxy | l4proxy / HAProxy |")
+    out.append("|---|---|--:|--:|--:|")
+    for test, metric, label, unit, scale in CPU_ROWS:
+        h, l4 = med(test, "haproxy", metric), med(test, "l4proxy", metric)
+        if h is None and l4 is None:
+            continue
+        hs = h * scale if h is not None else None
+        ls = l4 * scale if l4 is not None else None
+        out.append(f"| {label} | {unit} | {fmt(hs, 2)} | {fmt(ls, 2)} | {ratio(ls, hs)} |")
+    out.append("")
+
+    errs = []
+    for test in ("close", "keepalive"):
+        for p in PATHS:
+            e = sum(v for _, v in values.get((test, p, "errors"), []))
+            if e:
+                errs.append(f"{test}/{NAMES[p]}: {e:.0f}")
+    out.append("wrk socket errors / non-2xx responses (sum over rounds): " + (", ".join(errs) if errs else "none") + ".\n")
+
+    out.append("<details><summary>Every round (in round order)</summary>\n")
+    out.append("| Test | Unit | direct | HAProxy | l4proxy |")
+    out.append("|---|---|---|---|---|")
+    for test, metric, label, unit, _hib, dec in ROWS:
+        if all(not values.get((test, p, metric)) for p in PATHS):
+            continue
+        out.append(
+            f"| {label} | {unit} | {spread(test, 'direct', metric, dec)} | {spread(test, 'haproxy', metric, dec)} "
+            f"| {spread(test, 'l4proxy', metric, dec)} |"
+        )
+    out.append("\nOrder of paths per round: " + meta.get("orders", "?") + "\n")
+    out.append("</details>\n")
+    return "\n".join(out)
+
+
+def main() -> None:
+    if len(sys.argv) >= 3 and sys.argv[1] == "wrk":
+        print(parse_wrk(sys.argv[2]))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "iperf":
+        print(parse_iperf(sys.argv[2]))
+    elif len(sys.argv) >= 4 and sys.argv[1] == "table":
+        print(table(sys.argv[2], sys.argv[3]))
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
