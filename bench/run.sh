@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # l4proxy vs HAProxy vs a direct connection, on 127.0.0.1 only.
 #
-#   bench/run.sh [--quick]
+#   bench/run.sh [--quick] [--rev GIT_REV]
 #
 # Measures, interleaved round by round (path order rotates every round) so that drift on a noisy
 # machine hits all paths alike, and reports the median per path:
@@ -16,17 +16,23 @@
 # Environment overrides: BENCH_ROUNDS, BENCH_DURATION (s), BENCH_MEM_CONNS, BENCH_MEM_ROUNDS,
 # BENCH_BASE_PORT (default 61400; ports BASE..BASE+29 are used), WRK_THREADS, WRK_CONNS,
 # L4PROXY_BIN (skip the cargo build and use this binary).
+# Without --rev the working tree is built (cargo build --release -p l4proxy); with --rev, that
+# commit is exported (git archive) to the raw dir and built with CARGO_TARGET_DIR=target/bench,
+# so uncommitted edits in proxy/ do not leak into the measurement.
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 QUICK=0
-for arg in "$@"; do
-  case "$arg" in
+REV=""
+while (($#)); do
+  case "$1" in
     --quick) QUICK=1 ;;
+    --rev) REV=${2:?--rev needs a git revision}; shift ;;
     -h | --help) usage; exit 0 ;;
-    *) echo "run.sh: unknown argument: $arg" >&2; usage >&2; exit 64 ;;
+    *) echo "run.sh: unknown argument: $1" >&2; usage >&2; exit 64 ;;
   esac
+  shift
 done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -148,8 +154,18 @@ done
 
 # ---------------------------------------------------------------------------------------------
 # l4proxy binary.
+L4_REV="$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown) (working tree)"
 if [[ -n "${L4PROXY_BIN:-}" ]]; then
   BIN=$L4PROXY_BIN
+  L4_REV="binary $BIN"
+elif [[ -n "$REV" ]]; then
+  L4_REV=$(git -C "$ROOT" rev-parse --short "$REV^{commit}") || die "unknown revision $REV"
+  log "building l4proxy at $L4_REV (git archive into $RAW/src, CARGO_TARGET_DIR=$ROOT/target/bench)"
+  mkdir -p "$RAW/src"
+  git -C "$ROOT" archive "$L4_REV" | tar -x -C "$RAW/src"
+  (cd "$RAW/src" && CARGO_TARGET_DIR="$ROOT/target/bench" cargo build --release -p l4proxy) >"$RAW/cargo-build.log" 2>&1 ||
+    die "cargo build failed; see $RAW/cargo-build.log"
+  BIN="$ROOT/target/bench/release/l4proxy"
 else
   log "building l4proxy (cargo build --release -p l4proxy)"
   (cd "$ROOT" && cargo build --release -p l4proxy) >"$RAW/cargo-build.log" 2>&1 || die "cargo build failed; see $RAW/cargo-build.log"
@@ -403,7 +419,7 @@ fi
   printf 'nginx\t%s\n' "$(nginx -v 2>&1 | sed 's/^nginx version: //')"
   printf 'wrk\t%s\n' "$(wrk --version 2>&1 | awk 'NR==1 {print "wrk " $2}')"
   printf 'iperf3\t%s\n' "$(iperf3 --version 2>&1 | awk 'NR==1 {print "iperf3 " $2}')"
-  printf 'l4proxy_rev\t%s\n' "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
+  printf 'l4proxy_rev\t%s\n' "$L4_REV"
   printf 'mode\t%s\n' "$([[ $QUICK == 1 ]] && echo quick || echo full)"
   printf 'rounds\t%s\n' "$ROUNDS"
   printf 'duration\t%s\n' "$DURATION"
