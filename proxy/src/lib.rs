@@ -5,6 +5,8 @@
 //! - [`backend`]: backends, their health and ejection, connecting with failover.
 //! - [`balance`]: load-balancing algorithms.
 //! - [`metrics`]: every metric, registered in one place.
+//! - [`probe`]: protocol probing (TLS SNI/ALPN, HTTP, SSH, QUIC, WireGuard) for routing.
+//! - [`proxy_protocol`]: PROXY protocol v1/v2 headers, read and written.
 //! - [`server`]: the running proxy: listeners, reload, stats, drain.
 //! - [`admin`]: the admin HTTP server.
 
@@ -17,6 +19,8 @@ pub mod balance;
 pub mod config;
 pub mod connection;
 pub mod metrics;
+pub mod probe;
+pub mod proxy_protocol;
 pub mod server;
 
 pub use connection::{
