@@ -5,6 +5,7 @@
 //! - [`backend`]: backends, their health and ejection, connecting with failover.
 //! - [`balance`]: load-balancing algorithms.
 //! - [`metrics`]: every metric, registered in one place.
+//! - [`pool`]: the bounded connection pool with expiry and `PoolStats`.
 //! - [`probe`]: protocol probing (TLS SNI/ALPN, HTTP, SSH, QUIC, WireGuard) for routing.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers, read and written.
 //! - [`server`]: the running proxy: listeners, reload, stats, drain.
@@ -19,6 +20,7 @@ pub mod balance;
 pub mod config;
 pub mod connection;
 pub mod metrics;
+pub mod pool;
 pub mod probe;
 pub mod proxy_protocol;
 pub mod server;
@@ -27,4 +29,5 @@ pub use connection::{
     CloseReason, ConnectionContext, ConnectionError, ConnectionManager, ConnectionMetrics, Lifecycle, TcpConnection,
     TcpConnectionManager, TcpListenerSettings,
 };
+pub use pool::{ConnectionPool, DashMapConnectionPool, PoolEntry, PoolStats};
 pub use server::Proxy;

@@ -5,9 +5,14 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
-    /// The listener is at `maxConnections`; the client was closed without touching a backend.
+    /// The listener (or its pool) is at its limit; the client was refused without touching a
+    /// backend.
     #[error("listener {listener}: connection from {src} refused, limit of {max} connections reached")]
     LimitExceeded { listener: Arc<str>, src: SocketAddr, max: usize },
+
+    /// A pool already holds an entry for this key (two first packets raced); the first wins.
+    #[error("listener {listener}: {src} already has an entry")]
+    Duplicate { listener: Arc<str>, src: SocketAddr },
 
     /// An operation on a leg did not finish in time.
     #[error("{src} -> {dst}: {operation} timed out after {after:?}")]
@@ -50,6 +55,7 @@ impl ConnectionError {
     pub fn label(&self) -> &'static str {
         match self {
             Self::LimitExceeded { .. } => "limit",
+            Self::Duplicate { .. } => "duplicate",
             Self::Timeout { operation: "connect", .. } => "connect_timeout",
             Self::Timeout { .. } => "timeout",
             Self::Broken { .. } => "broken",
