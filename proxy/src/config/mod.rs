@@ -8,10 +8,14 @@ mod validate;
 use std::path::Path;
 
 pub use duration::ConfigDuration;
-pub use schema::{AdminConfig, Backend, Limits, Listener, LoadBalancing, Protocol, ProxyConfig};
+pub use schema::{
+    AcceptProxyProtocol, AdminConfig, Backend, Limits, Listener, LoadBalancing, Protocol, ProxyConfig,
+    ProxyProtocolVersion, Route, RouteMatch, RouteProtocol,
+};
 pub use validate::{
     BackendConfig, BackendTarget, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EJECTION_COOLDOWN, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_TCP_IDLE_TIMEOUT, EffectiveLimits, ListenerConfig, MAX_BACKENDS, check, resolve,
+    DEFAULT_PROBE_TIMEOUT, DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_UDP_IDLE_TIMEOUT, EffectiveLimits, ListenerConfig,
+    MAX_BACKENDS, RouteConfig, ServerName, check, resolve,
 };
 
 /// A config that cannot be used. `Display` starts with the field path.

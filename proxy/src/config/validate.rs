@@ -7,7 +7,11 @@ use std::{collections::HashSet, net::SocketAddr, time::Duration};
 
 use serde::Serialize;
 
-use super::{ConfigDuration, ConfigError, LoadBalancing, Protocol, ProxyConfig, schema};
+use ipnet::IpNet;
+
+use super::{
+    ConfigDuration, ConfigError, LoadBalancing, Protocol, ProxyConfig, ProxyProtocolVersion, RouteProtocol, schema,
+};
 
 /// Default for `limits.maxConnections`.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
@@ -17,6 +21,12 @@ pub const MAX_MAX_CONNECTIONS: u32 = 1_000_000;
 pub const DEFAULT_CONNECT_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(5);
 /// Default for `limits.idleTimeout` on TCP listeners.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(300);
+/// Default for `limits.idleTimeout` on UDP listeners (sessions).
+pub const DEFAULT_UDP_IDLE_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(60);
+/// Default for `limits.probeTimeout`.
+pub const DEFAULT_PROBE_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(3);
+/// Most routes per listener (each new connection is matched against all of them).
+pub const MAX_ROUTES: usize = 256;
 /// Default for `limits.ejectionCooldown`.
 pub const DEFAULT_EJECTION_COOLDOWN: ConfigDuration = ConfigDuration::from_secs(5);
 /// Largest backend weight.
@@ -44,6 +54,66 @@ pub struct ListenerConfig {
     pub load_balancing: LoadBalancing,
     pub backends: Vec<BackendConfig>,
     pub limits: EffectiveLimits,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+    /// Peers allowed to send a PROXY protocol header; `None`: headers are not read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accept_proxy_protocol: Option<Vec<IpNet>>,
+}
+
+impl ListenerConfig {
+    /// Every backend, default route first, then each route's.
+    pub fn all_backends(&self) -> impl Iterator<Item = &BackendConfig> {
+        self.backends.iter().chain(self.routes.iter().flat_map(|r| r.backends.iter()))
+    }
+
+    fn all_backends_mut(&mut self) -> impl Iterator<Item = (String, &mut BackendConfig)> {
+        let default = self.backends.iter_mut().enumerate().map(|(i, b)| (format!("backends[{i}]"), b));
+        let routes = self.routes.iter_mut().enumerate().flat_map(|(r, route)| {
+            route.backends.iter_mut().enumerate().map(move |(i, b)| (format!("routes[{r}].backends[{i}]"), b))
+        });
+        default.chain(routes)
+    }
+}
+
+/// A checked route.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteConfig {
+    pub protocol: Option<RouteProtocol>,
+    pub server_names: Vec<ServerName>,
+    pub alpn: Vec<String>,
+    pub backends: Vec<BackendConfig>,
+}
+
+/// A server name to match: exact, or every name under a suffix (`*.example.com`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerName {
+    Exact(String),
+    /// Stored with its leading dot: `.example.com`.
+    Suffix(String),
+}
+
+impl ServerName {
+    /// How specifically this matches `name` (longer is more specific; exact beats any
+    /// wildcard), or `None` if it does not.
+    pub fn specificity(&self, name: &str) -> Option<(u8, usize)> {
+        match self {
+            Self::Exact(exact) => (exact.as_str() == name).then_some((2, exact.len())),
+            Self::Suffix(suffix) => {
+                (name.len() > suffix.len() && name.ends_with(suffix.as_str())).then_some((1, suffix.len()))
+            }
+        }
+    }
+}
+
+impl Serialize for ServerName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Exact(name) => serializer.serialize_str(name),
+            Self::Suffix(suffix) => serializer.collect_str(&format_args!("*{suffix}")),
+        }
+    }
 }
 
 /// A checked backend.
@@ -55,6 +125,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// The addresses it resolved to when the config was loaded.
     pub resolved: Vec<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
     #[serde(skip)]
     pub target: BackendTarget,
 }
@@ -78,6 +150,7 @@ pub struct EffectiveLimits {
     pub connect_timeout: ConfigDuration,
     pub idle_timeout: ConfigDuration,
     pub ejection_cooldown: ConfigDuration,
+    pub probe_timeout: ConfigDuration,
 }
 
 impl Config {
@@ -85,8 +158,8 @@ impl Config {
     pub async fn from_file_config(file: ProxyConfig) -> Result<Self, ConfigError> {
         let mut config = check(&file)?;
         for (li, listener) in config.listeners.iter_mut().enumerate() {
-            for (bi, backend) in listener.backends.iter_mut().enumerate() {
-                let path = format!("listeners[{li}].backends[{bi}].address");
+            for (path, backend) in listener.all_backends_mut() {
+                let path = format!("listeners[{li}].{path}.address");
                 backend.resolved = resolve(&backend.target, &path, &backend.address).await?;
             }
         }
@@ -141,43 +214,146 @@ pub fn check(file: &ProxyConfig) -> Result<Config, ConfigError> {
 
 fn check_listener(path: &str, listener: &schema::Listener) -> Result<ListenerConfig, ConfigError> {
     check_name(&format!("{path}.name"), &listener.name)?;
-    if listener.protocol == Protocol::Udp {
-        return Err(ConfigError::invalid(
-            format!("{path}.protocol"),
-            format!("\"UDP\" is not supported yet (listener {:?}); use \"TCP\"", listener.name),
-        ));
-    }
     let address = parse_socket_addr(&format!("{path}.address"), &listener.address)?;
-    if listener.backends.is_empty() {
-        return Err(ConfigError::invalid(format!("{path}.backends"), "at least one backend is required"));
-    }
-    if listener.backends.len() > MAX_BACKENDS {
+    let backends = check_backends(&format!("{path}.backends"), &listener.backends, listener.protocol)?;
+    if listener.routes.len() > MAX_ROUTES {
         return Err(ConfigError::invalid(
-            format!("{path}.backends"),
-            format!("{} backends, at most {MAX_BACKENDS} are allowed", listener.backends.len()),
+            format!("{path}.routes"),
+            format!("{} routes, at most {MAX_ROUTES} are allowed", listener.routes.len()),
         ));
     }
-    let mut seen = HashSet::new();
-    let mut backends = Vec::with_capacity(listener.backends.len());
-    for (i, backend) in listener.backends.iter().enumerate() {
-        let bpath = format!("{path}.backends[{i}]");
-        let checked = check_backend(&bpath, backend)?;
-        if !seen.insert(checked.address.clone()) {
-            return Err(ConfigError::invalid(
-                format!("{bpath}.address"),
-                format!("duplicate backend {:?}", checked.address),
-            ));
-        }
-        backends.push(checked);
-    }
+    let routes = listener
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, route)| check_route(&format!("{path}.routes[{i}]"), route, listener.protocol))
+        .collect::<Result<Vec<_>, _>>()?;
+    let accept_proxy_protocol = match &listener.accept_proxy_protocol {
+        Some(accept) => Some(check_trusted_sources(&format!("{path}.acceptProxyProtocol.trustedSources"), accept)?),
+        None => None,
+    };
     Ok(ListenerConfig {
         name: listener.name.clone(),
         protocol: listener.protocol,
         address,
         load_balancing: listener.load_balancing,
         backends,
-        limits: check_limits(&format!("{path}.limits"), &listener.limits)?,
+        limits: check_limits(&format!("{path}.limits"), &listener.limits, listener.protocol)?,
+        routes,
+        accept_proxy_protocol,
     })
+}
+
+fn check_backends(
+    path: &str,
+    backends: &[schema::Backend],
+    protocol: Protocol,
+) -> Result<Vec<BackendConfig>, ConfigError> {
+    if backends.is_empty() {
+        return Err(ConfigError::invalid(path, "at least one backend is required"));
+    }
+    if backends.len() > MAX_BACKENDS {
+        return Err(ConfigError::invalid(
+            path,
+            format!("{} backends, at most {MAX_BACKENDS} are allowed", backends.len()),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut checked = Vec::with_capacity(backends.len());
+    for (i, backend) in backends.iter().enumerate() {
+        let bpath = format!("{path}[{i}]");
+        let backend = check_backend(&bpath, backend, protocol)?;
+        if !seen.insert(backend.address.clone()) {
+            return Err(ConfigError::invalid(
+                format!("{bpath}.address"),
+                format!("duplicate backend {:?}", backend.address),
+            ));
+        }
+        checked.push(backend);
+    }
+    Ok(checked)
+}
+
+fn check_route(path: &str, route: &schema::Route, protocol: Protocol) -> Result<RouteConfig, ConfigError> {
+    let m = &route.matches;
+    if m.protocol.is_none() && m.server_names.is_empty() && m.alpn.is_empty() {
+        return Err(ConfigError::invalid(
+            format!("{path}.match"),
+            "a route must match on protocol, serverNames or alpn",
+        ));
+    }
+    if let Some(p) = m.protocol.filter(|p| !p.fits(protocol)) {
+        return Err(ConfigError::invalid(
+            format!("{path}.match.protocol"),
+            format!("{p:?} cannot be detected on a {protocol:?} listener"),
+        ));
+    }
+    let named = matches!(m.protocol, None | Some(RouteProtocol::Tls | RouteProtocol::Http | RouteProtocol::Quic));
+    if !m.server_names.is_empty() && !named {
+        return Err(ConfigError::invalid(
+            format!("{path}.match.serverNames"),
+            format!("{:?} carries no server name", m.protocol),
+        ));
+    }
+    let with_alpn = matches!(m.protocol, None | Some(RouteProtocol::Tls | RouteProtocol::Quic));
+    if !m.alpn.is_empty() && !with_alpn {
+        return Err(ConfigError::invalid(format!("{path}.match.alpn"), format!("{:?} carries no ALPN", m.protocol)));
+    }
+    let server_names = m
+        .server_names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| parse_server_name(&format!("{path}.match.serverNames[{i}]"), name))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some((i, _)) = m.alpn.iter().enumerate().find(|(_, a)| a.is_empty() || a.len() > 255) {
+        return Err(ConfigError::invalid(format!("{path}.match.alpn[{i}]"), "an ALPN id has 1 to 255 bytes"));
+    }
+    Ok(RouteConfig {
+        protocol: m.protocol,
+        server_names,
+        alpn: m.alpn.clone(),
+        backends: check_backends(&format!("{path}.backends"), &route.backends, protocol)?,
+    })
+}
+
+fn parse_server_name(path: &str, text: &str) -> Result<ServerName, ConfigError> {
+    let (wildcard, host) = match text.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if !valid {
+        return Err(ConfigError::invalid(
+            path,
+            format!("invalid server name {text:?}: use a lowercase DNS name, optionally starting with \"*.\""),
+        ));
+    }
+    Ok(if wildcard { ServerName::Suffix(format!(".{host}")) } else { ServerName::Exact(host.to_owned()) })
+}
+
+fn check_trusted_sources(path: &str, accept: &schema::AcceptProxyProtocol) -> Result<Vec<IpNet>, ConfigError> {
+    if accept.trusted_sources.is_empty() {
+        return Err(ConfigError::invalid(path, "at least one trusted source CIDR is required"));
+    }
+    accept
+        .trusted_sources
+        .iter()
+        .enumerate()
+        .map(|(i, cidr)| {
+            cidr.parse::<IpNet>().map_err(|_| {
+                ConfigError::invalid(
+                    format!("{path}[{i}]"),
+                    format!("invalid CIDR {cidr:?}: expected like 10.0.0.0/8 or ::1/128"),
+                )
+            })
+        })
+        .collect()
 }
 
 fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
@@ -198,7 +374,13 @@ fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn check_backend(path: &str, backend: &schema::Backend) -> Result<BackendConfig, ConfigError> {
+fn check_backend(path: &str, backend: &schema::Backend, protocol: Protocol) -> Result<BackendConfig, ConfigError> {
+    if protocol == Protocol::Udp && backend.proxy_protocol == Some(ProxyProtocolVersion::V1) {
+        return Err(ConfigError::invalid(
+            format!("{path}.proxyProtocol"),
+            "\"v1\" cannot carry UDP; use \"v2\" (one header per datagram)",
+        ));
+    }
     if !(1..=MAX_WEIGHT).contains(&backend.weight) {
         return Err(ConfigError::invalid(
             format!("{path}.weight"),
@@ -210,10 +392,16 @@ fn check_backend(path: &str, backend: &schema::Backend) -> Result<BackendConfig,
         BackendTarget::Ip(addr) => vec![addr],
         BackendTarget::Dns { .. } => Vec::new(),
     };
-    Ok(BackendConfig { address: backend.address.clone(), weight: backend.weight, resolved, target })
+    Ok(BackendConfig {
+        address: backend.address.clone(),
+        weight: backend.weight,
+        resolved,
+        proxy_protocol: backend.proxy_protocol,
+        target,
+    })
 }
 
-fn check_limits(path: &str, limits: &schema::Limits) -> Result<EffectiveLimits, ConfigError> {
+fn check_limits(path: &str, limits: &schema::Limits, protocol: Protocol) -> Result<EffectiveLimits, ConfigError> {
     let max_connections = limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     if !(1..=MAX_MAX_CONNECTIONS).contains(&max_connections) {
         return Err(ConfigError::invalid(
@@ -231,8 +419,13 @@ fn check_limits(path: &str, limits: &schema::Limits) -> Result<EffectiveLimits, 
     Ok(EffectiveLimits {
         max_connections,
         connect_timeout: positive("connectTimeout", limits.connect_timeout, DEFAULT_CONNECT_TIMEOUT)?,
-        idle_timeout: positive("idleTimeout", limits.idle_timeout, DEFAULT_TCP_IDLE_TIMEOUT)?,
+        idle_timeout: positive(
+            "idleTimeout",
+            limits.idle_timeout,
+            if protocol == Protocol::Udp { DEFAULT_UDP_IDLE_TIMEOUT } else { DEFAULT_TCP_IDLE_TIMEOUT },
+        )?,
         ejection_cooldown: positive("ejectionCooldown", limits.ejection_cooldown, DEFAULT_EJECTION_COOLDOWN)?,
+        probe_timeout: positive("probeTimeout", limits.probe_timeout, DEFAULT_PROBE_TIMEOUT)?,
     })
 }
 
@@ -378,12 +571,74 @@ mod tests {
     }
 
     #[test]
-    fn udp_listener_is_rejected_until_supported() {
-        let err = error_of(
+    fn udp_listener_gets_udp_idle_default() {
+        let config = checked(
             "listeners:\n- name: dns\n  protocol: UDP\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n",
+        )
+        .unwrap();
+        assert_eq!(config.listeners[0].limits.idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT);
+    }
+
+    #[test]
+    fn proxy_protocol_v1_to_a_udp_backend_is_rejected() {
+        let err = error_of(
+            "listeners:\n- name: dns\n  protocol: UDP\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2, proxyProtocol: v1}]\n",
         );
-        assert!(err.starts_with("listeners[0].protocol:"), "{err}");
-        assert!(err.contains("UDP"), "{err}");
+        assert!(err.starts_with("listeners[0].backends[0].proxyProtocol:"), "{err}");
+    }
+
+    const ROUTED: &str =
+        "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n  routes:\n";
+
+    fn routed(route: &str) -> String {
+        format!("{ROUTED}  - match: {route}\n    backends: [{{address: 127.0.0.1:3}}]\n")
+    }
+
+    #[test]
+    fn routes_are_checked_and_keep_their_matches() {
+        let config =
+            checked(&routed("{protocol: TLS, serverNames: ['*.example.com', api.example.com], alpn: [h2]}")).unwrap();
+        let route = &config.listeners[0].routes[0];
+        assert_eq!(
+            route.server_names,
+            vec![ServerName::Suffix(".example.com".into()), ServerName::Exact("api.example.com".into())]
+        );
+        assert_eq!(route.alpn, vec!["h2".to_owned()]);
+    }
+
+    #[test]
+    fn route_errors_name_their_paths() {
+        let err = error_of(&routed("{protocol: QUIC}"));
+        assert!(err.starts_with("listeners[0].routes[0].match.protocol:"), "{err}");
+        let err = error_of(&routed("{serverNames: ['Bad_Name']}"));
+        assert!(err.starts_with("listeners[0].routes[0].match.serverNames[0]:") && err.contains("Bad_Name"), "{err}");
+        let err = error_of(&routed("{}"));
+        assert!(err.starts_with("listeners[0].routes[0].match:"), "{err}");
+        let err = error_of(&routed("{protocol: SSH, alpn: [h2]}"));
+        assert!(err.starts_with("listeners[0].routes[0].match.alpn:"), "{err}");
+        let err = error_of(&format!("{ROUTED}  - match: {{protocol: SSH}}\n    backends: []\n"));
+        assert!(err.starts_with("listeners[0].routes[0].backends:"), "{err}");
+    }
+
+    #[test]
+    fn wildcard_server_name_matches_subdomains_only_and_exact_is_more_specific() {
+        let suffix = ServerName::Suffix(".example.com".into());
+        assert!(suffix.specificity("a.example.com").is_some());
+        assert!(suffix.specificity("example.com").is_none());
+        assert!(suffix.specificity("aexample.com").is_none());
+        let exact = ServerName::Exact("a.example.com".into());
+        assert!(exact.specificity("a.example.com") > suffix.specificity("a.example.com"));
+    }
+
+    #[test]
+    fn trusted_sources_must_be_cidrs() {
+        let err = error_of(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n  acceptProxyProtocol: {trustedSources: ['10.0.0.0/8', 'nonsense']}\n",
+        );
+        assert!(
+            err.starts_with("listeners[0].acceptProxyProtocol.trustedSources[1]:") && err.contains("nonsense"),
+            "{err}"
+        );
     }
 
     #[test]
