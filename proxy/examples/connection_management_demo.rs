@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 
 use l4proxy::{
-    ConnectionManager, ConnectionMetrics, TcpConnectionManager, TcpListenerSettings, config::parse_yaml,
+    ConnectionManager, ConnectionMetrics, TcpConnectionManager, ListenerSettings, config::parse_yaml,
     metrics::Metrics,
 };
 use tokio::{
@@ -39,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
             "listeners:\n- name: demo\n  address: 127.0.0.1:0\n  backends: [{{address: '{backend}'}}]\n  limits: {{maxConnections: {max}, connectTimeout: 1s}}\n"
         );
         let listener = l4proxy::config::check(&parse_yaml(&yaml)?)?.listeners.remove(0);
-        Ok(TcpConnectionManager::new(TcpListenerSettings::new(listener, None, &metrics), CancellationToken::new()))
+        Ok(TcpConnectionManager::new(ListenerSettings::new(listener, None, &metrics), CancellationToken::new()))
     };
 
     let front = TcpListener::bind("127.0.0.1:0").await?;

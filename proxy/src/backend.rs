@@ -15,7 +15,7 @@ use tokio::{net::TcpStream, time::Instant};
 
 use crate::{
     balance::{Balancer, Candidate},
-    config::{BackendConfig, BackendTarget, ListenerConfig, resolve},
+    config::{BackendConfig, BackendTarget, LoadBalancing, ProxyProtocolVersion, resolve},
     connection::{ConnectionContext, ConnectionError},
     metrics::{BackendMetrics, Metrics},
 };
@@ -109,7 +109,7 @@ impl BackendState {
         !self.is_available(Instant::now())
     }
 
-    fn record_success(&self) {
+    pub(crate) fn record_success(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.ejections.store(0, Ordering::Relaxed);
     }
@@ -190,10 +190,11 @@ impl BackendState {
     }
 }
 
-/// A backend as a listener config uses it: shared state plus this config's weight.
+/// A backend as a listener config uses it: shared state plus this config's settings.
 pub struct Backend {
     pub state: Arc<BackendState>,
     pub weight: u32,
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
 }
 
 impl Candidate for Backend {
@@ -214,7 +215,7 @@ pub struct BackendLease {
 }
 
 impl BackendLease {
-    fn new(state: Arc<BackendState>) -> Self {
+    pub fn new(state: Arc<BackendState>) -> Self {
         state.active.fetch_add(1, Ordering::Relaxed);
         state.metrics.active.inc();
         Self { state }
@@ -238,6 +239,7 @@ pub struct Connected {
     pub address: SocketAddr,
     pub lease: BackendLease,
     pub attempts: u32,
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
 }
 
 /// The backends of one listener config, with their balancer.
@@ -247,25 +249,40 @@ pub struct BackendSet {
 }
 
 impl BackendSet {
-    /// Builds the set for `listener`, reusing the state of backends that `previous` already had
-    /// (same address and target), so health and counts carry over a reload.
-    pub fn new(listener: &ListenerConfig, previous: Option<&BackendSet>, metrics: &Metrics) -> Self {
-        let backends = listener
-            .backends
+    /// Builds a set for `backends` of the listener `listener`, reusing the state of backends
+    /// that one of `previous` already had (same address and target), so health and counts carry
+    /// over a reload.
+    pub fn new(
+        listener: &str,
+        backends: &[BackendConfig],
+        load_balancing: LoadBalancing,
+        previous: &[&BackendSet],
+        metrics: &Metrics,
+    ) -> Self {
+        let backends = backends
             .iter()
             .map(|config| {
-                let reused = previous.and_then(|p| {
-                    p.backends.iter().find(|b| *b.state.address == config.address && b.state.target == config.target)
-                });
+                let reused = previous
+                    .iter()
+                    .flat_map(|p| p.backends.iter())
+                    .find(|b| *b.state.address == config.address && b.state.target == config.target);
                 let state = match reused {
                     Some(b) => b.state.clone(),
-                    None => Arc::new(BackendState::new(config, metrics.backend(&listener.name, &config.address))),
+                    None => Arc::new(BackendState::new(config, metrics.backend(listener, &config.address))),
                 };
-                Backend { state, weight: config.weight }
+                Backend { state, weight: config.weight, proxy_protocol: config.proxy_protocol }
             })
             .collect::<Vec<_>>();
-        let balancer = Balancer::new(listener.load_balancing, backends.len());
+        let balancer = Balancer::new(load_balancing, backends.len());
         Self { backends, balancer }
+    }
+
+    /// Picks a backend without connecting (UDP: a session's socket is set up by the caller).
+    /// Ejected backends are skipped.
+    pub fn pick(&self, client: std::net::IpAddr) -> Option<&Backend> {
+        let now = Instant::now();
+        let index = self.balancer.pick(&self.backends, client, |i| self.backends[i].state.is_available(now))?;
+        self.backends.get(index)
     }
 
     pub fn backends(&self) -> &[Backend] {
@@ -295,7 +312,9 @@ impl BackendSet {
             match state.connect(context.source, timeout).await {
                 Ok((stream, address)) => {
                     state.record_success();
-                    return Ok(Connected { stream, address, lease: BackendLease::new(state.clone()), attempts });
+                    let lease = BackendLease::new(state.clone());
+                    let proxy_protocol = self.backends[index].proxy_protocol;
+                    return Ok(Connected { stream, address, lease, attempts, proxy_protocol });
                 }
                 Err((failure, error)) => {
                     state.record_failure(failure, cooldown);

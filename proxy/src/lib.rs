@@ -4,6 +4,7 @@
 //! - [`connection`]: the connection-management API and the TCP connection manager.
 //! - [`backend`]: backends, their health and ejection, connecting with failover.
 //! - [`balance`]: load-balancing algorithms.
+//! - [`routing`]: choosing a route for what probing found.
 //! - [`metrics`]: every metric, registered in one place.
 //! - [`pool`]: the bounded connection pool with expiry and `PoolStats`.
 //! - [`probe`]: protocol probing (TLS SNI/ALPN, HTTP, SSH, QUIC, WireGuard) for routing.
@@ -23,11 +24,12 @@ pub mod metrics;
 pub mod pool;
 pub mod probe;
 pub mod proxy_protocol;
+pub mod routing;
 pub mod server;
 
 pub use connection::{
-    CloseReason, ConnectionContext, ConnectionError, ConnectionManager, ConnectionMetrics, Lifecycle, TcpConnection,
-    TcpConnectionManager, TcpListenerSettings,
+    CloseReason, ConnectionContext, ConnectionError, ConnectionManager, ConnectionMetrics, Lifecycle, ListenerSettings,
+    TcpConnection, TcpConnectionManager,
 };
 pub use pool::{ConnectionPool, DashMapConnectionPool, PoolEntry, PoolStats};
 pub use server::Proxy;

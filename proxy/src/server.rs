@@ -20,7 +20,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin,
     config::{self, Config, ConfigError, Protocol},
-    connection::{CloseReason, ConnectionError, ConnectionManager, TcpConnectionManager, TcpListenerSettings},
+    connection::{CloseReason, ConnectionError, ConnectionManager, ListenerSettings, TcpConnectionManager},
     metrics::Metrics,
 };
 
@@ -167,7 +167,7 @@ impl Proxy {
             }
             let pos = fresh.iter().position(|(a, _)| *a == listener.address).expect("bound above");
             let (_, socket) = fresh.swap_remove(pos);
-            let settings = TcpListenerSettings::new(listener.clone(), None, &self.metrics);
+            let settings = ListenerSettings::new(listener.clone(), None, &self.metrics);
             let manager = Arc::new(TcpConnectionManager::new(settings, self.cut.clone()));
             next.push(self.spawn_accept_loop(listener.address, socket, manager));
         }
@@ -245,7 +245,7 @@ impl Proxy {
             }
             let settings: Vec<_> = self.lock_state().listeners.iter().map(|l| l.manager.settings()).collect();
             for listener in settings {
-                for backend in listener.backends.backends() {
+                for backend in listener.backend_sets().flat_map(|set| set.backends()) {
                     backend.state.refresh().await;
                 }
             }

@@ -117,3 +117,12 @@ mod tests {
         check(&parse_yaml(text).unwrap()).unwrap();
     }
 }
+
+impl From<ProxyProtocolVersion> for crate::proxy_protocol::Version {
+    fn from(version: ProxyProtocolVersion) -> Self {
+        match version {
+            ProxyProtocolVersion::V1 => Self::V1,
+            ProxyProtocolVersion::V2 => Self::V2,
+        }
+    }
+}

@@ -215,7 +215,12 @@ pub fn check(file: &ProxyConfig) -> Result<Config, ConfigError> {
 fn check_listener(path: &str, listener: &schema::Listener) -> Result<ListenerConfig, ConfigError> {
     check_name(&format!("{path}.name"), &listener.name)?;
     let address = parse_socket_addr(&format!("{path}.address"), &listener.address)?;
-    let backends = check_backends(&format!("{path}.backends"), &listener.backends, listener.protocol)?;
+    // With routes, the default route may be left empty: unmatched traffic is then closed.
+    let backends = if listener.backends.is_empty() && !listener.routes.is_empty() {
+        Vec::new()
+    } else {
+        check_backends(&format!("{path}.backends"), &listener.backends, listener.protocol)?
+    };
     if listener.routes.len() > MAX_ROUTES {
         return Err(ConfigError::invalid(
             format!("{path}.routes"),

@@ -10,6 +10,20 @@ pub enum ConnectionError {
     #[error("listener {listener}: connection from {src} refused, limit of {max} connections reached")]
     LimitExceeded { listener: Arc<str>, src: SocketAddr, max: usize },
 
+    /// A peer outside `acceptProxyProtocol.trustedSources` connected to a listener that reads
+    /// PROXY headers.
+    #[error("listener {listener}: {src} is not a trusted PROXY protocol source")]
+    UntrustedSource { listener: Arc<str>, src: SocketAddr },
+
+    /// A trusted peer sent no valid PROXY protocol header.
+    #[error("listener {listener}: no valid PROXY protocol header from {src}")]
+    ProxyHeader {
+        listener: Arc<str>,
+        src: SocketAddr,
+        #[source]
+        source: crate::proxy_protocol::ReadError,
+    },
+
     /// A pool already holds an entry for this key (two first packets raced); the first wins.
     #[error("listener {listener}: {src} already has an entry")]
     Duplicate { listener: Arc<str>, src: SocketAddr },
@@ -56,6 +70,8 @@ impl ConnectionError {
         match self {
             Self::LimitExceeded { .. } => "limit",
             Self::Duplicate { .. } => "duplicate",
+            Self::UntrustedSource { .. } => "untrusted_source",
+            Self::ProxyHeader { .. } => "proxy_protocol",
             Self::Timeout { operation: "connect", .. } => "connect_timeout",
             Self::Timeout { .. } => "timeout",
             Self::Broken { .. } => "broken",

@@ -4,6 +4,7 @@
 
 mod error;
 mod pump;
+mod settings;
 mod tcp;
 
 use std::{
@@ -20,7 +21,8 @@ use tokio::time::Instant;
 
 pub use error::ConnectionError;
 pub use pump::COPY_BUFFER_SIZE;
-pub use tcp::{TcpConnection, TcpConnectionManager, TcpListenerSettings};
+pub use settings::ListenerSettings;
+pub use tcp::{TcpConnection, TcpConnectionManager};
 
 /// Creates and serves the connections of one listener, within its limits.
 ///
@@ -109,10 +111,16 @@ pub enum CloseReason {
     ConnectFailed,
     /// No backend was available (all ejected, or all already tried).
     NoBackend,
+    /// Probing matched no route and the listener has no default backends.
+    NoRoute,
+    /// A trusted peer sent no valid PROXY protocol header.
+    ProxyProtocol,
+    /// A peer outside the trusted PROXY protocol sources.
+    UntrustedSource,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 7] = [
+    pub const ALL: [CloseReason; 10] = [
         Self::Completed,
         Self::IdleTimeout,
         Self::ClientError,
@@ -120,6 +128,9 @@ impl CloseReason {
         Self::Shutdown,
         Self::ConnectFailed,
         Self::NoBackend,
+        Self::NoRoute,
+        Self::ProxyProtocol,
+        Self::UntrustedSource,
     ];
 
     pub fn label(self) -> &'static str {
@@ -131,6 +142,9 @@ impl CloseReason {
             Self::Shutdown => "shutdown",
             Self::ConnectFailed => "connect_failed",
             Self::NoBackend => "no_backend",
+            Self::NoRoute => "no_route",
+            Self::ProxyProtocol => "proxy_protocol",
+            Self::UntrustedSource => "untrusted_source",
         }
     }
 

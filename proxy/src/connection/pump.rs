@@ -141,16 +141,22 @@ impl Half {
     }
 }
 
-/// Copies until both directions have finished, a leg fails, the connection is idle for `idle`,
+/// Copies until both directions have finished (`client_finished`: the client already sent EOF), a leg fails, the connection is idle for `idle`,
 /// or `cut` is cancelled. Dropping the streams afterwards closes both legs.
 pub(crate) async fn pump(
     client: &TcpStream,
     backend: &TcpStream,
+    client_finished: bool,
     idle: Duration,
     cut: &CancellationToken,
     counters: ByteCounters<'_>,
 ) -> PumpOutcome {
     let mut up = Half::default();
+    if client_finished {
+        // The client ended while its first bytes were probed: pass the half-close on first.
+        up.read_done = true;
+        up.finished_at = Some(Instant::now());
+    }
     let mut down = Half::default();
     let mut last_activity = Instant::now();
     let mut idle_timer = pin!(tokio::time::sleep_until(last_activity + idle));

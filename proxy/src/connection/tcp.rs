@@ -7,51 +7,30 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
-use tokio::{net::TcpStream, time::Instant};
+use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
+use super::ListenerSettings;
 use super::{
     CloseReason, ConnectionContext, ConnectionError, ConnectionManager, ConnectionMetrics,
-    pump::{ByteCounters, pump},
+    pump::{ByteCounters, PumpOutcome, pump},
 };
 use crate::{
-    backend::{BackendSet, Connected},
-    config::{EffectiveLimits, ListenerConfig},
-    metrics::{ListenerMetrics, Metrics},
+    backend::Connected,
+    config::{ListenerConfig, RouteProtocol},
+    metrics::Metrics,
+    probe::{MAX_TCP_PROBE_BYTES, TcpProbe, TcpProbedProtocol, probe_tcp},
+    proxy_protocol,
+    routing::Probed,
 };
-
-/// Everything about a TCP listener that a reload may change, swapped as one unit. A connection
-/// keeps the snapshot it was admitted with, so a reload never changes a connection mid-flight.
-pub struct TcpListenerSettings {
-    pub name: Arc<str>,
-    pub config: ListenerConfig,
-    pub backends: BackendSet,
-    pub metrics: ListenerMetrics,
-}
-
-impl TcpListenerSettings {
-    /// Settings for `config`; `previous` lends backend state to backends it also had.
-    pub fn new(config: ListenerConfig, previous: Option<&TcpListenerSettings>, metrics: &Metrics) -> Self {
-        let previous_backends = previous.filter(|p| *p.name == config.name).map(|p| &p.backends);
-        Self {
-            name: config.name.as_str().into(),
-            backends: BackendSet::new(&config, previous_backends, metrics),
-            metrics: metrics.listener(&config.name),
-            config,
-        }
-    }
-
-    pub fn limits(&self) -> &EffectiveLimits {
-        &self.config.limits
-    }
-}
 
 /// Serves the connections of one TCP listening socket.
 pub struct TcpConnectionManager {
-    settings: ArcSwap<TcpListenerSettings>,
+    settings: ArcSwap<ListenerSettings>,
     active: Arc<AtomicUsize>,
     /// Cancelled at the end of the shutdown drain: cuts connections still open.
     cut: CancellationToken,
@@ -61,7 +40,7 @@ pub struct TcpConnectionManager {
 pub struct TcpConnection {
     pub context: ConnectionContext,
     client: TcpStream,
-    settings: Arc<TcpListenerSettings>,
+    settings: Arc<ListenerSettings>,
     _slot: Slot,
 }
 
@@ -79,18 +58,18 @@ impl Drop for Slot {
 }
 
 impl TcpConnectionManager {
-    pub fn new(settings: TcpListenerSettings, cut: CancellationToken) -> Self {
+    pub fn new(settings: ListenerSettings, cut: CancellationToken) -> Self {
         Self { settings: ArcSwap::from_pointee(settings), active: Arc::new(AtomicUsize::new(0)), cut }
     }
 
     /// The settings new connections get.
-    pub fn settings(&self) -> Arc<TcpListenerSettings> {
+    pub fn settings(&self) -> Arc<ListenerSettings> {
         self.settings.load_full()
     }
 
     /// Applies a reloaded listener config to new connections; open ones keep theirs.
     pub fn update(&self, config: ListenerConfig, metrics: &Metrics) {
-        let next = TcpListenerSettings::new(config, Some(&self.settings.load()), metrics);
+        let next = ListenerSettings::new(config, Some(&self.settings.load()), metrics);
         self.settings.store(Arc::new(next));
     }
 
@@ -123,21 +102,49 @@ impl ConnectionManager for TcpConnectionManager {
     }
 
     async fn handle_connection(&self, connection: TcpConnection) -> Result<ConnectionMetrics, ConnectionError> {
-        let TcpConnection { context, client, settings, _slot } = connection;
+        let TcpConnection { mut context, client, settings, _slot } = connection;
         let limits = *settings.limits();
         let mut metrics = ConnectionMetrics::default();
+        let fail = |context: &ConnectionContext, metrics: &mut ConnectionMetrics, reason, error: ConnectionError| {
+            metrics.close_reason = reason;
+            finish(context, &settings, metrics, None, Some(&error as &dyn std::error::Error));
+            Err(error)
+        };
 
-        let connected =
-            settings.backends.connect(&context, limits.connect_timeout.get(), limits.ejection_cooldown.get()).await;
-        let Connected { stream: backend, address, lease, attempts } = match connected {
+        if let Some(trusted) = &settings.config.accept_proxy_protocol {
+            match accept_proxy_header(&client, &context, trusted, limits.probe_timeout.get()).await {
+                Ok(Some((source, destination))) => (context.source, context.destination) = (source, destination),
+                Ok(None) => {}
+                Err((reason, error)) => return fail(&context, &mut metrics, reason, error),
+            }
+        }
+
+        // Bytes read while probing; forwarded to the backend before anything else.
+        let mut early = Vec::new();
+        let mut client_finished = false;
+        let backends = if settings.probes() {
+            let probe = read_probe(&client, &mut early, limits.probe_timeout.get()).await;
+            client_finished = probe.client_finished;
+            let probed = probe.routing_view();
+            let Some(backends) = settings.route(&probed) else {
+                let error =
+                    ConnectionError::NoBackend { listener: context.listener.clone(), src: context.source, attempts: 0 };
+                return fail(&context, &mut metrics, CloseReason::NoRoute, error);
+            };
+            backends
+        } else {
+            &settings.backends
+        };
+
+        let connected = backends.connect(&context, limits.connect_timeout.get(), limits.ejection_cooldown.get()).await;
+        let Connected { stream: mut backend, address, lease, attempts, proxy_protocol } = match connected {
             Ok(connected) => connected,
             Err(error) => {
-                metrics.close_reason = match error {
+                let reason = match error {
                     ConnectionError::NoBackend { .. } => CloseReason::NoBackend,
                     _ => CloseReason::ConnectFailed,
                 };
-                finish(&context, &settings, &mut metrics, None, Some(&error as &dyn std::error::Error));
-                return Err(error);
+                return fail(&context, &mut metrics, reason, error);
             }
         };
         let connect_time = context.started.elapsed();
@@ -151,8 +158,19 @@ impl ConnectionManager for TcpConnectionManager {
         let _ = client.set_nodelay(true);
         let _ = backend.set_nodelay(true);
 
-        let counters = ByteCounters { up: &settings.metrics.bytes_received, down: &settings.metrics.bytes_sent };
-        let outcome = pump(&client, &backend, limits.idle_timeout.get(), &self.cut, counters).await;
+        if let Some(version) = proxy_protocol {
+            let mut prefix = Vec::with_capacity(proxy_protocol::MAX_HEADER_LEN + early.len());
+            proxy_protocol::write_header(version.into(), context.source, context.destination, &mut prefix);
+            prefix.extend_from_slice(&early);
+            early = prefix;
+        }
+        let outcome = if let Err(error) = send_early(&mut backend, &early, limits.idle_timeout.get()).await {
+            PumpOutcome { reason: CloseReason::BackendError, error: Some(error), ..Default::default() }
+        } else {
+            drop(early);
+            let counters = ByteCounters { up: &settings.metrics.bytes_received, down: &settings.metrics.bytes_sent };
+            pump(&client, &backend, client_finished, limits.idle_timeout.get(), &self.cut, counters).await
+        };
         drop((client, backend));
 
         let since_start = |at: Option<Instant>| at.map(|t| t.saturating_duration_since(context.started));
@@ -175,10 +193,104 @@ impl ConnectionManager for TcpConnectionManager {
     }
 }
 
+/// Reads a PROXY protocol header when the peer is trusted. Returns the carried addresses
+/// (`None` for a LOCAL header: keep the socket's own), or why the connection must be closed.
+async fn accept_proxy_header(
+    client: &TcpStream,
+    context: &ConnectionContext,
+    trusted: &[ipnet::IpNet],
+    timeout: Duration,
+) -> Result<Option<(SocketAddr, SocketAddr)>, (CloseReason, ConnectionError)> {
+    let peer = context.source;
+    if !trusted.iter().any(|net| net.contains(&peer.ip())) {
+        let error = ConnectionError::UntrustedSource { listener: context.listener.clone(), src: peer };
+        return Err((CloseReason::UntrustedSource, error));
+    }
+    match proxy_protocol::read_header(client, timeout).await {
+        Ok(header) => Ok(match header.addresses {
+            proxy_protocol::Addresses::Proxied { source, destination } => Some((source, destination)),
+            proxy_protocol::Addresses::Local => None,
+        }),
+        Err(error) => {
+            let error = ConnectionError::ProxyHeader { listener: context.listener.clone(), src: peer, source: error };
+            Err((CloseReason::ProxyProtocol, error))
+        }
+    }
+}
+
+/// What probing read from a client.
+struct ProbeRead {
+    result: TcpProbe,
+    /// The client shut its sending side during the probe.
+    client_finished: bool,
+}
+
+impl ProbeRead {
+    fn routing_view(&self) -> Probed<'_> {
+        match &self.result {
+            TcpProbe::Detected { protocol, info } => Probed {
+                protocol: Some(match protocol {
+                    TcpProbedProtocol::Tls => RouteProtocol::Tls,
+                    TcpProbedProtocol::Http => RouteProtocol::Http,
+                    TcpProbedProtocol::Ssh => RouteProtocol::Ssh,
+                }),
+                server_name: info.server_name.as_deref(),
+                alpn: &info.alpn,
+            },
+            TcpProbe::Incomplete | TcpProbe::Unknown => Probed::default(),
+        }
+    }
+}
+
+/// Reads the client's first bytes into `buf` (at most [`MAX_TCP_PROBE_BYTES`]) until probing
+/// decides, the client stops sending, or `timeout` passes. A client that sends nothing in time
+/// (a server-speaks-first protocol) is not an error: it gets the default route.
+async fn read_probe(client: &TcpStream, buf: &mut Vec<u8>, timeout: Duration) -> ProbeRead {
+    let deadline = Instant::now() + timeout;
+    buf.reserve_exact(MAX_TCP_PROBE_BYTES);
+    loop {
+        let outcome = |result| ProbeRead { result, client_finished: false };
+        match tokio::time::timeout_at(deadline, client.readable()).await {
+            Err(_) | Ok(Err(_)) => return outcome(decided(probe_tcp(buf))),
+            Ok(Ok(())) => {}
+        }
+        match client.try_read_buf(buf) {
+            Ok(0) => return ProbeRead { result: decided(probe_tcp(buf)), client_finished: true },
+            Ok(_) => match probe_tcp(buf) {
+                TcpProbe::Incomplete if buf.len() < MAX_TCP_PROBE_BYTES => continue,
+                result => return outcome(decided(result)),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            // A broken client fails again in the copy, which reports it.
+            Err(_) => return outcome(decided(probe_tcp(buf))),
+        }
+    }
+}
+
+/// No more bytes are coming: an incomplete answer is no answer.
+fn decided(result: TcpProbe) -> TcpProbe {
+    match result {
+        TcpProbe::Incomplete => TcpProbe::Unknown,
+        other => other,
+    }
+}
+
+/// Sends what must reach the backend before the copy starts: a PROXY header and the bytes read
+/// while probing. Bounded by the idle timeout, like any write.
+async fn send_early(backend: &mut TcpStream, early: &[u8], idle: Duration) -> std::io::Result<()> {
+    if early.is_empty() {
+        return Ok(());
+    }
+    match tokio::time::timeout(idle, backend.write_all(early)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
 /// Records the end of a connection: lifetime, close reason, and one access-log line.
 fn finish(
     context: &ConnectionContext,
-    settings: &TcpListenerSettings,
+    settings: &ListenerSettings,
     metrics: &mut ConnectionMetrics,
     backend: Option<&str>,
     error: Option<&dyn std::error::Error>,
@@ -218,7 +330,7 @@ mod tests {
         );
         let config = Config::from_file_config(parse_yaml(&yaml).unwrap()).await.unwrap();
         let metrics = Metrics::new();
-        let settings = TcpListenerSettings::new(config.listeners[0].clone(), None, &metrics);
+        let settings = ListenerSettings::new(config.listeners[0].clone(), None, &metrics);
         (TcpConnectionManager::new(settings, CancellationToken::new()), metrics)
     }
 
