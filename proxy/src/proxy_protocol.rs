@@ -386,8 +386,8 @@ fn v2_family(command: Command, byte: u8) -> Result<V2Family, ParseError> {
 fn v2_addresses(family: V2Family, block: &[u8]) -> Result<Addresses, ParseError> {
     match family {
         V2Family::Unspec => Ok(Addresses::Local),
-        V2Family::Inet => v2_inet::<4>(block, "INET", |octets| IpAddr::from(octets)),
-        V2Family::Inet6 => v2_inet::<16>(block, "INET6", |octets| IpAddr::from(octets)),
+        V2Family::Inet => v2_inet::<4>(block, "INET", IpAddr::from),
+        V2Family::Inet6 => v2_inet::<16>(block, "INET6", IpAddr::from),
     }
 }
 
