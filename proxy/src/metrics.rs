@@ -13,7 +13,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::connection::CloseReason;
+use crate::connection::{CloseReason, DropReason};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
@@ -66,6 +66,11 @@ pub struct Metrics {
     bytes_received: Family<ListenerLabels, Counter>,
     bytes_sent: Family<ListenerLabels, Counter>,
     accept_errors: Family<ListenerLabels, Counter>,
+    datagrams_received: Family<ListenerLabels, Counter>,
+    datagrams_sent: Family<ListenerLabels, Counter>,
+    drops: Family<ReasonLabels, Counter>,
+    pool_size: Family<ListenerLabels, Gauge>,
+    pool_expired: Family<ListenerLabels, Counter>,
     connect_time: HistogramFamily<ListenerLabels>,
     duration: HistogramFamily<ListenerLabels>,
     backend_active: Family<BackendLabels, Gauge>,
@@ -93,6 +98,11 @@ impl Metrics {
             bytes_received: Family::default(),
             bytes_sent: Family::default(),
             accept_errors: Family::default(),
+            datagrams_received: Family::default(),
+            datagrams_sent: Family::default(),
+            drops: Family::default(),
+            pool_size: Family::default(),
+            pool_expired: Family::default(),
             connect_time: Family::new_with_constructor(connect_time_histogram),
             duration: Family::new_with_constructor(duration_histogram),
             backend_active: Family::default(),
@@ -114,6 +124,15 @@ impl Metrics {
             "Errors accepting a connection (e.g. out of file descriptors)",
             m.accept_errors.clone(),
         );
+        r.register("datagrams_received", "UDP datagrams read from clients", m.datagrams_received.clone());
+        r.register("datagrams_sent", "UDP datagrams written to clients", m.datagrams_sent.clone());
+        r.register("datagrams_dropped", "UDP datagrams dropped, by reason", m.drops.clone());
+        r.register(
+            "pool_size",
+            "Entries in a listener's session pool (UDP) or open connections (TCP)",
+            m.pool_size.clone(),
+        );
+        r.register("pool_expired", "Pool entries removed for idleness", m.pool_expired.clone());
         r.register("connect_duration_seconds", "Time to establish the backend leg", m.connect_time.clone());
         r.register("connection_duration_seconds", "Lifetime of finished connections", m.duration.clone());
         r.register("backend_connections_active", "Connections open now, per backend", m.backend_active.clone());
@@ -145,6 +164,11 @@ impl Metrics {
             bytes_received: handle(&self.bytes_received, &l),
             bytes_sent: handle(&self.bytes_sent, &l),
             accept_errors: handle(&self.accept_errors, &l),
+            datagrams_received: handle(&self.datagrams_received, &l),
+            datagrams_sent: handle(&self.datagrams_sent, &l),
+            drops: DropReason::ALL.map(|r| handle(&self.drops, &reason(r.label()))),
+            pool_size: handle(&self.pool_size, &l),
+            pool_expired: handle(&self.pool_expired, &l),
             connect_time: handle(&self.connect_time, &l),
             duration: handle(&self.duration, &l),
         }
@@ -202,6 +226,11 @@ pub struct ListenerMetrics {
     pub bytes_received: Counter,
     pub bytes_sent: Counter,
     pub accept_errors: Counter,
+    pub datagrams_received: Counter,
+    pub datagrams_sent: Counter,
+    pub drops: [Counter; DropReason::ALL.len()],
+    pub pool_size: Gauge,
+    pub pool_expired: Counter,
     pub connect_time: Histogram,
     pub duration: Histogram,
 }
@@ -209,6 +238,10 @@ pub struct ListenerMetrics {
 impl ListenerMetrics {
     pub fn closed(&self, reason: CloseReason) -> &Counter {
         &self.closed[reason.index()]
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> &Counter {
+        &self.drops[reason as usize]
     }
 }
 

@@ -106,8 +106,11 @@ pub struct DashMapConnectionPool<K: Eq + Hash, V> {
     /// The listener the pool belongs to, for errors.
     name: Arc<str>,
     entries: DashMap<K, PoolEntry<V>>,
-    max_size: usize,
-    expiry: Expiry,
+    /// Limits, changeable by a reload while entries stay.
+    max_size: AtomicUsize,
+    idle_ms: AtomicU64,
+    /// 0: no max age.
+    max_age_ms: AtomicU64,
     epoch: Instant,
     /// Reserved or occupied places; admission is decided on it, so concurrent inserts can
     /// never overshoot `max_size`.
@@ -127,8 +130,9 @@ impl<K: PoolKey, V: Clone> DashMapConnectionPool<K, V> {
         Self {
             name,
             entries: DashMap::new(),
-            max_size,
-            expiry,
+            max_size: AtomicUsize::new(max_size),
+            idle_ms: AtomicU64::new(expiry.idle.as_millis() as u64),
+            max_age_ms: AtomicU64::new(expiry.max_age.map_or(0, |a| a.as_millis().max(1) as u64)),
             epoch: Instant::now(),
             occupied: AtomicUsize::new(0),
             created_sum: AtomicU64::new(0),
@@ -140,7 +144,27 @@ impl<K: PoolKey, V: Clone> DashMapConnectionPool<K, V> {
     }
 
     pub fn expiry(&self) -> Expiry {
-        self.expiry
+        let max_age = self.max_age_ms.load(Ordering::Relaxed);
+        Expiry {
+            idle: Duration::from_millis(self.idle_ms.load(Ordering::Relaxed)),
+            max_age: (max_age > 0).then(|| Duration::from_millis(max_age)),
+        }
+    }
+
+    /// Changes the limits for a reload. Entries stay; a lower `max_size` only refuses new
+    /// inserts until enough entries have gone.
+    pub fn set_limits(&self, max_size: usize, expiry: Expiry) {
+        self.max_size.store(max_size, Ordering::Release);
+        self.idle_ms.store(expiry.idle.as_millis() as u64, Ordering::Relaxed);
+        self.max_age_ms.store(expiry.max_age.map_or(0, |a| a.as_millis().max(1) as u64), Ordering::Relaxed);
+    }
+
+    fn first_deadline(&self, now: u64) -> u64 {
+        let idle = now + self.idle_ms.load(Ordering::Relaxed);
+        match self.max_age_ms.load(Ordering::Relaxed) {
+            0 => idle,
+            max_age => idle.min(now + max_age),
+        }
     }
 
     fn millis(&self, at: Instant) -> u64 {
@@ -148,10 +172,10 @@ impl<K: PoolKey, V: Clone> DashMapConnectionPool<K, V> {
     }
 
     fn deadline_of(&self, entry: &PoolEntry<V>) -> u64 {
-        let idle = entry.last_used.load(Ordering::Relaxed) + self.expiry.idle.as_millis() as u64;
-        match self.expiry.max_age {
-            Some(max_age) => idle.min(entry.created + max_age.as_millis() as u64),
-            None => idle,
+        let idle = entry.last_used.load(Ordering::Relaxed) + self.idle_ms.load(Ordering::Relaxed);
+        match self.max_age_ms.load(Ordering::Relaxed) {
+            0 => idle,
+            max_age => idle.min(entry.created + max_age),
         }
     }
 
@@ -165,7 +189,7 @@ impl<K: PoolKey, V: Clone> DashMapConnectionPool<K, V> {
         heap.push(Reverse((deadline, key)));
         // Removed entries leave stale candidates behind; rebuild when they dominate, so the
         // heap stays within twice the pool's bound (amortised O(1) per operation).
-        if heap.len() > 2 * self.max_size.max(16) {
+        if heap.len() > 2 * self.max_size.load(Ordering::Relaxed).max(16) {
             let live: Vec<_> =
                 self.entries.iter().map(|e| Reverse((self.deadline_of(e.value()), e.key().clone()))).collect();
             *heap = BinaryHeap::from(live);
@@ -177,9 +201,14 @@ impl<K: PoolKey, V: Clone> DashMapConnectionPool<K, V> {
         self.created_sum.fetch_sub(entry.created, Ordering::Relaxed);
     }
 
-    /// Whether `key` would be refused for capacity now.
+    /// Counts an insert refused before it was tried (the caller checked [`Self::is_full`]).
+    pub fn count_rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether an insert would be refused for capacity now.
     pub fn is_full(&self) -> bool {
-        self.occupied.load(Ordering::Acquire) >= self.max_size
+        self.occupied.load(Ordering::Acquire) >= self.max_size.load(Ordering::Acquire)
     }
 
     /// Every entry's key and value (a snapshot; for reloads and shutdown, not the packet path).
@@ -190,7 +219,7 @@ impl<K: PoolKey, V: Clone> DashMapConnectionPool<K, V> {
 
 impl<K: PoolKey, V: Clone> ConnectionPool<K, V> for DashMapConnectionPool<K, V> {
     fn insert(&self, key: K, value: V) -> Result<(), ConnectionError> {
-        let max = self.max_size;
+        let max = self.max_size.load(Ordering::Acquire);
         if self.occupied.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_err() {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(ConnectionError::LimitExceeded { listener: self.name.clone(), src: key.source(), max });
@@ -206,13 +235,11 @@ impl<K: PoolKey, V: Clone> ConnectionPool<K, V> for DashMapConnectionPool<K, V> 
             }
         }
         self.created_sum.fetch_add(now, Ordering::Relaxed);
-        let first_deadline = now + self.expiry.idle.as_millis() as u64;
-        let first_deadline =
-            self.expiry.max_age.map_or(first_deadline, |a| first_deadline.min(now + a.as_millis() as u64));
-        self.schedule(key, first_deadline);
+        self.schedule(key, self.first_deadline(now));
         Ok(())
     }
 
+    #[expect(clippy::disallowed_methods, reason = "the guard is dropped before returning; no await here")]
     fn get(&self, key: &K) -> Option<V> {
         let now = self.millis(Instant::now());
         // The guard lives only inside this expression.
@@ -243,13 +270,14 @@ impl<K: PoolKey, V: Clone> ConnectionPool<K, V> for DashMapConnectionPool<K, V> 
     }
 
     fn max_size(&self) -> usize {
-        self.max_size
+        self.max_size.load(Ordering::Acquire)
     }
 
     fn touch(&self, key: &K) -> bool {
         self.get(key).is_some()
     }
 
+    #[expect(clippy::disallowed_methods, reason = "guards live within one expression; no await here")]
     fn expire(&self, now: Instant) -> Vec<(K, V)> {
         let now = self.millis(now);
         let mut removed = Vec::new();
@@ -290,7 +318,7 @@ impl<K: PoolKey, V: Clone> ConnectionPool<K, V> for DashMapConnectionPool<K, V> 
             if size == 0 { 0.0 } else { (now as f64 - sum as f64 / size as f64).max(0.0) / 1000.0 };
         PoolStats {
             size,
-            max_size: self.max_size,
+            max_size: self.max_size.load(Ordering::Acquire),
             expired_count: self.expired.load(Ordering::Relaxed),
             average_age_seconds,
             rejected_inserts: self.rejected.load(Ordering::Relaxed),

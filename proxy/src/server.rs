@@ -14,14 +14,18 @@ use std::{
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin,
-    config::{self, Config, ConfigError, Protocol},
-    connection::{CloseReason, ConnectionError, ConnectionManager, ListenerSettings, TcpConnectionManager},
+    config::{self, Config, ConfigError, ListenerConfig, Protocol},
+    connection::{
+        CloseReason, ConnectionError, ConnectionManager, DropReason, ListenerSettings, TcpConnectionManager,
+        UdpConnectionManager,
+    },
     metrics::Metrics,
+    pool::PoolStats,
 };
 
 /// Pending connections the kernel queues per listener before accept.
@@ -34,14 +38,71 @@ pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 /// waiting for them.
 const CUT_GRACE: Duration = Duration::from_secs(5);
 
-/// A listener with its accept loop running.
+/// A listener with its accept (TCP) or receive (UDP) loop running.
 struct RunningListener {
-    /// As configured (may have port 0); reloads match listeners on it.
+    protocol: Protocol,
+    /// As configured (may have port 0); reloads match listeners on it and the protocol.
     configured: SocketAddr,
     /// As bound.
     local: SocketAddr,
-    manager: Arc<TcpConnectionManager>,
+    manager: Manager,
     stop_accepting: CancellationToken,
+}
+
+impl RunningListener {
+    fn is(&self, listener: &ListenerConfig) -> bool {
+        self.protocol == listener.protocol && self.configured == listener.address
+    }
+}
+
+/// A listener's connection manager.
+#[derive(Clone)]
+enum Manager {
+    Tcp(Arc<TcpConnectionManager>),
+    Udp(Arc<UdpConnectionManager>),
+}
+
+impl Manager {
+    fn settings(&self) -> Arc<ListenerSettings> {
+        match self {
+            Self::Tcp(m) => m.settings(),
+            Self::Udp(m) => m.settings(),
+        }
+    }
+
+    fn update(&self, config: ListenerConfig, metrics: &Metrics) {
+        match self {
+            Self::Tcp(m) => m.update(config, metrics),
+            Self::Udp(m) => m.update(config, metrics),
+        }
+    }
+
+    fn connection_count(&self) -> usize {
+        match self {
+            Self::Tcp(m) => m.connection_count(),
+            Self::Udp(m) => m.connection_count(),
+        }
+    }
+
+    fn max_connections(&self) -> usize {
+        match self {
+            Self::Tcp(m) => m.max_connections(),
+            Self::Udp(m) => m.max_connections(),
+        }
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        match self {
+            Self::Tcp(m) => m.pool_stats(),
+            Self::Udp(m) => m.pool_stats(),
+        }
+    }
+}
+
+/// A bound socket waiting for its listener to start.
+enum Bound {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
 }
 
 struct RunningAdmin {
@@ -144,9 +205,13 @@ impl Proxy {
     pub fn apply(self: &Arc<Self>, config: Config) -> Result<(), ApplyError> {
         let mut state = self.lock_state();
         let mut fresh = Vec::new();
-        for listener in &config.listeners {
-            if !state.listeners.iter().any(|r| r.configured == listener.address) {
-                fresh.push((listener.address, bind(listener.address)?));
+        for (i, listener) in config.listeners.iter().enumerate() {
+            if !state.listeners.iter().any(|r| r.is(listener)) {
+                let bound = match listener.protocol {
+                    Protocol::Tcp => Bound::Tcp(bind(listener.address)?),
+                    Protocol::Udp => Bound::Udp(bind_udp(listener.address)?),
+                };
+                fresh.push((i, bound));
             }
         }
         let admin = match config.admin {
@@ -157,19 +222,19 @@ impl Proxy {
         };
 
         let mut next = Vec::with_capacity(config.listeners.len());
-        for listener in &config.listeners {
-            debug_assert_eq!(listener.protocol, Protocol::Tcp);
-            if let Some(pos) = state.listeners.iter().position(|r| r.configured == listener.address) {
+        let mut fresh = fresh.into_iter().peekable();
+        for (i, listener) in config.listeners.iter().enumerate() {
+            if let Some(pos) = state.listeners.iter().position(|r| r.is(listener)) {
                 let running = state.listeners.swap_remove(pos);
                 running.manager.update(listener.clone(), &self.metrics);
                 next.push(running);
                 continue;
             }
-            let pos = fresh.iter().position(|(a, _)| *a == listener.address).expect("bound above");
-            let (_, socket) = fresh.swap_remove(pos);
+            let Some((_, bound)) = fresh.next_if(|(j, _)| *j == i) else {
+                unreachable!("every listener not running was bound above, in order")
+            };
             let settings = ListenerSettings::new(listener.clone(), None, &self.metrics);
-            let manager = Arc::new(TcpConnectionManager::new(settings, self.cut.clone()));
-            next.push(self.spawn_accept_loop(listener.address, socket, manager));
+            next.push(self.start_listener(listener, settings, bound)?);
         }
         for removed in state.listeners.drain(..) {
             removed.stop_accepting.cancel();
@@ -213,17 +278,36 @@ impl Proxy {
         result
     }
 
-    fn spawn_accept_loop(
+    fn start_listener(
         &self,
-        configured: SocketAddr,
-        socket: TcpListener,
-        manager: Arc<TcpConnectionManager>,
-    ) -> RunningListener {
-        let local = socket.local_addr().unwrap_or(configured);
+        listener: &ListenerConfig,
+        settings: ListenerSettings,
+        bound: Bound,
+    ) -> Result<RunningListener, ApplyError> {
         let stop_accepting = CancellationToken::new();
-        tracing::info!(listener = %manager.settings().name, address = %local, "listening");
-        tokio::spawn(accept_loop(socket, manager.clone(), stop_accepting.clone(), self.connections.clone()));
-        RunningListener { configured, local, manager, stop_accepting }
+        let (local, manager) = match bound {
+            Bound::Tcp(socket) => {
+                let local = socket.local_addr().unwrap_or(listener.address);
+                let manager = Arc::new(TcpConnectionManager::new(settings, self.cut.clone()));
+                tokio::spawn(accept_loop(socket, manager.clone(), stop_accepting.clone(), self.connections.clone()));
+                (local, Manager::Tcp(manager))
+            }
+            Bound::Udp(socket) => {
+                let manager = UdpConnectionManager::new(settings, socket, self.cut.clone())
+                    .map_err(|source| ConnectionError::BindFailed { address: listener.address, source })?;
+                let manager = Arc::new(manager);
+                tokio::spawn(manager.clone().serve(stop_accepting.clone(), self.connections.clone()));
+                (manager.local_addr(), Manager::Udp(manager))
+            }
+        };
+        tracing::info!(listener = %listener.name, protocol = ?listener.protocol, address = %local, "listening");
+        Ok(RunningListener {
+            protocol: listener.protocol,
+            configured: listener.address,
+            local,
+            manager,
+            stop_accepting,
+        })
     }
 
     fn spawn_admin(self: &Arc<Self>, address: SocketAddr, socket: TcpListener) -> RunningAdmin {
@@ -261,6 +345,11 @@ impl Proxy {
             .map(|running| {
                 let settings = running.manager.settings();
                 let m = &settings.metrics;
+                let udp = (settings.config.protocol == Protocol::Udp).then(|| UdpStats {
+                    datagrams_received: m.datagrams_received.get(),
+                    datagrams_sent: m.datagrams_sent.get(),
+                    dropped: DropReason::ALL.iter().map(|&r| (r.label(), m.dropped(r).get())).collect(),
+                });
                 ListenerStats {
                     name: settings.name.to_string(),
                     protocol: settings.config.protocol,
@@ -272,10 +361,11 @@ impl Proxy {
                     closed: CloseReason::ALL.iter().map(|&r| (r.label(), m.closed(r).get())).collect(),
                     bytes_received: m.bytes_received.get(),
                     bytes_sent: m.bytes_sent.get(),
+                    pool_stats: running.manager.pool_stats(),
+                    udp,
                     backends: settings
-                        .backends
-                        .backends()
-                        .iter()
+                        .backend_sets()
+                        .flat_map(|set| set.backends())
                         .map(|b| BackendStats {
                             address: b.state.address().to_owned(),
                             resolved: b.state.resolved().to_vec(),
@@ -301,6 +391,10 @@ impl Proxy {
             let mut state = self.lock_state();
             for listener in state.listeners.drain(..) {
                 listener.stop_accepting.cancel();
+                // UDP sessions have no end of their own to wait for: end them now.
+                if let Manager::Udp(udp) = &listener.manager {
+                    udp.close_all();
+                }
             }
             state.admin.take()
         };
@@ -323,6 +417,18 @@ impl Proxy {
         tracing::info!(cut, "shutdown complete");
         cut
     }
+}
+
+/// Binds a UDP socket for a listener.
+pub fn bind_udp(address: SocketAddr) -> Result<UdpSocket, ConnectionError> {
+    let bind = || -> std::io::Result<UdpSocket> {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(address), socket2::Type::DGRAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&address.into())?;
+        UdpSocket::from_std(socket.into())
+    };
+    bind().map_err(|source| ConnectionError::BindFailed { address, source })
 }
 
 /// Binds a listening TCP socket with address reuse, so a restart does not wait out TIME_WAIT.
@@ -398,7 +504,20 @@ pub struct ListenerStats {
     pub closed: BTreeMap<&'static str, u64>,
     pub bytes_received: u64,
     pub bytes_sent: u64,
+    /// TCP: open connections as pool entries; UDP: the session pool.
+    pub pool_stats: PoolStats,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpStats>,
     pub backends: Vec<BackendStats>,
+}
+
+/// UDP listener counters.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UdpStats {
+    pub datagrams_received: u64,
+    pub datagrams_sent: u64,
+    pub dropped: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Debug, Serialize)]

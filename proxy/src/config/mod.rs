@@ -65,6 +65,15 @@ pub async fn load(path: &Path) -> Result<Config, ConfigError> {
     Config::from_file_config(parse_yaml(&text)?).await
 }
 
+impl From<ProxyProtocolVersion> for crate::proxy_protocol::Version {
+    fn from(version: ProxyProtocolVersion) -> Self {
+        match version {
+            ProxyProtocolVersion::V1 => Self::V1,
+            ProxyProtocolVersion::V2 => Self::V2,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,14 +124,5 @@ mod tests {
     fn quickstart_example_is_valid() {
         let text = include_str!("../../../examples/quickstart.yaml");
         check(&parse_yaml(text).unwrap()).unwrap();
-    }
-}
-
-impl From<ProxyProtocolVersion> for crate::proxy_protocol::Version {
-    fn from(version: ProxyProtocolVersion) -> Self {
-        match version {
-            ProxyProtocolVersion::V1 => Self::V1,
-            ProxyProtocolVersion::V2 => Self::V2,
-        }
     }
 }

@@ -6,6 +6,7 @@ mod error;
 mod pump;
 mod settings;
 mod tcp;
+mod udp;
 
 use std::{
     future::Future,
@@ -23,6 +24,7 @@ pub use error::ConnectionError;
 pub use pump::COPY_BUFFER_SIZE;
 pub use settings::ListenerSettings;
 pub use tcp::{TcpConnection, TcpConnectionManager};
+pub use udp::{MAX_PROBE_DATAGRAMS, UdpConnection, UdpConnectionInfo, UdpConnectionManager, UdpSessionTask};
 
 /// Creates and serves the connections of one listener, within its limits.
 ///
@@ -150,6 +152,36 @@ impl CloseReason {
 
     pub(crate) fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// Why a UDP datagram was dropped. Labels are the `reason` of the dropped-datagrams metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A new client beyond `maxConnections` sessions.
+    Limit,
+    /// No backend available for a new session.
+    NoBackend,
+    /// Probing matched no route and there is no default route.
+    NoRoute,
+    /// The socket towards the backend or the client could not take it (buffer full, error).
+    SendFailed,
+    /// Held while probing a new session, and the probe's datagram bound was reached.
+    ProbeOverflow,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 5] =
+        [Self::Limit, Self::NoBackend, Self::NoRoute, Self::SendFailed, Self::ProbeOverflow];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Limit => "limit",
+            Self::NoBackend => "no_backend",
+            Self::NoRoute => "no_route",
+            Self::SendFailed => "send_failed",
+            Self::ProbeOverflow => "probe_overflow",
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -31,7 +31,7 @@ use crate::{
 /// Serves the connections of one TCP listening socket.
 pub struct TcpConnectionManager {
     settings: ArcSwap<ListenerSettings>,
-    active: Arc<AtomicUsize>,
+    slots: Arc<Slots>,
     /// Cancelled at the end of the shutdown drain: cuts connections still open.
     cut: CancellationToken,
 }
@@ -46,20 +46,33 @@ pub struct TcpConnection {
 
 /// A place under `maxConnections`, given back on drop however the connection ends.
 struct Slot {
-    active: Arc<AtomicUsize>,
+    slots: Arc<Slots>,
+    /// Admission time, milliseconds since `Slots::epoch`.
+    admitted: u64,
     gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// Open connections of a manager, shared with their slots.
+struct Slots {
+    active: AtomicUsize,
+    /// Sum of the open connections' admission times, for their average age in O(1).
+    admitted_sum: AtomicU64,
+    epoch: Instant,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::AcqRel);
+        self.slots.active.fetch_sub(1, Ordering::AcqRel);
+        self.slots.admitted_sum.fetch_sub(self.admitted, Ordering::Relaxed);
         self.gauge.dec();
     }
 }
 
 impl TcpConnectionManager {
     pub fn new(settings: ListenerSettings, cut: CancellationToken) -> Self {
-        Self { settings: ArcSwap::from_pointee(settings), active: Arc::new(AtomicUsize::new(0)), cut }
+        let slots =
+            Arc::new(Slots { active: AtomicUsize::new(0), admitted_sum: AtomicU64::new(0), epoch: Instant::now() });
+        Self { settings: ArcSwap::from_pointee(settings), slots, cut }
     }
 
     /// The settings new connections get.
@@ -73,8 +86,25 @@ impl TcpConnectionManager {
         self.settings.store(Arc::new(next));
     }
 
+    /// Open connections as a pool: entries are connections, expired ones are those closed for
+    /// idleness, evictions those cut at shutdown.
+    pub fn pool_stats(&self) -> crate::pool::PoolStats {
+        let settings = self.settings.load();
+        let size = self.connection_count();
+        let now = self.slots.epoch.elapsed().as_millis() as f64;
+        let sum = self.slots.admitted_sum.load(Ordering::Relaxed) as f64;
+        crate::pool::PoolStats {
+            size,
+            max_size: self.max_connections(),
+            expired_count: settings.metrics.closed(CloseReason::IdleTimeout).get(),
+            average_age_seconds: if size == 0 { 0.0 } else { (now - sum / size as f64).max(0.0) / 1000.0 },
+            rejected_inserts: settings.metrics.rejected_limit.get(),
+            evictions: settings.metrics.closed(CloseReason::Shutdown).get(),
+        }
+    }
+
     fn try_take_slot(&self, max: usize) -> bool {
-        self.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+        self.slots.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
     }
 }
 
@@ -96,7 +126,9 @@ impl ConnectionManager for TcpConnectionManager {
         }
         settings.metrics.accepted.inc();
         settings.metrics.active.inc();
-        let slot = Slot { active: self.active.clone(), gauge: settings.metrics.active.clone() };
+        let admitted = self.slots.epoch.elapsed().as_millis() as u64;
+        self.slots.admitted_sum.fetch_add(admitted, Ordering::Relaxed);
+        let slot = Slot { slots: self.slots.clone(), admitted, gauge: settings.metrics.active.clone() };
         let context = ConnectionContext::new(settings.name.clone(), source, destination);
         Ok(TcpConnection { context, client, settings, _slot: slot })
     }
@@ -185,7 +217,7 @@ impl ConnectionManager for TcpConnectionManager {
     }
 
     fn connection_count(&self) -> usize {
-        self.active.load(Ordering::Acquire)
+        self.slots.active.load(Ordering::Acquire)
     }
 
     fn max_connections(&self) -> usize {

@@ -1,0 +1,170 @@
+//! UDP sessions with real sockets on loopback: per-client replies, limits, idle expiry, reload.
+
+mod support;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use l4proxy::Proxy;
+use support::*;
+use tokio::net::UdpSocket;
+
+/// A UDP echo server on 127.0.0.1 that prefixes each reply with the port it was sent from.
+async fn udp_echo() -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let mut reply = format!("{}:", from.port()).into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    address
+}
+
+fn udp_yaml(backends: &[SocketAddr], limits: &str) -> String {
+    let backends: Vec<String> = backends.iter().map(|b| format!("{{address: '{b}'}}")).collect();
+    format!(
+        "admin: {{address: 127.0.0.1:0}}\nlisteners:\n- name: dns\n  protocol: UDP\n  address: 127.0.0.1:0\n  backends: [{}]\n  limits: {{{limits}}}\n",
+        backends.join(", ")
+    )
+}
+
+async fn udp_proxy(backends: &[SocketAddr], limits: &str) -> (Arc<Proxy>, SocketAddr) {
+    let proxy = start_proxy(&udp_yaml(backends, limits)).await;
+    let address = proxy.listener_address("dns").unwrap();
+    (proxy, address)
+}
+
+/// Sends `payload` and waits for one reply.
+async fn exchange(client: &UdpSocket, proxy: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    client.send_to(payload, proxy).await.unwrap();
+    let mut buf = vec![0u8; 65_536];
+    match tokio::time::timeout(Duration::from_millis(500), client.recv_from(&mut buf)).await {
+        Ok(Ok((n, from))) => {
+            assert_eq!(from, proxy, "replies leave from the address the client sent to");
+            Some(buf[..n].to_vec())
+        }
+        _ => None,
+    }
+}
+
+async fn client() -> UdpSocket {
+    UdpSocket::bind("127.0.0.1:0").await.unwrap()
+}
+
+#[tokio::test]
+async fn many_udp_clients_each_get_their_own_replies() {
+    let echo = udp_echo().await;
+    let (proxy, address) = udp_proxy(&[echo], "").await;
+    let mut clients = Vec::new();
+    for i in 0..50 {
+        clients.push(tokio::spawn(async move {
+            let socket = client().await;
+            let mut upstream_ports = Vec::new();
+            for round in 0..3 {
+                let payload = format!("client {i} round {round}");
+                let reply = exchange(&socket, address, payload.as_bytes()).await.expect("a reply");
+                let reply = String::from_utf8(reply).unwrap();
+                let (port, echoed) = reply.split_once(':').unwrap();
+                assert_eq!(echoed, payload, "each client gets its own replies");
+                upstream_ports.push(port.to_owned());
+            }
+            upstream_ports.dedup();
+            assert_eq!(upstream_ports.len(), 1, "one session (one upstream socket) per client");
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let stats = proxy.stats();
+    let dns = &stats.listeners[0];
+    assert_eq!(dns.pool_stats.size, 50);
+    assert_eq!(dns.accepted, 50);
+    let udp = dns.udp.as_ref().unwrap();
+    assert_eq!((udp.datagrams_received, udp.datagrams_sent), (150, 150));
+}
+
+#[tokio::test]
+async fn idle_udp_session_expires_after_idle_timeout() {
+    let echo = udp_echo().await;
+    let (proxy, address) = udp_proxy(&[echo], "idleTimeout: 200ms").await;
+    let socket = client().await;
+    let first = exchange(&socket, address, b"one").await.unwrap();
+    wait_until("the session expires", || proxy.stats().listeners[0].pool_stats.expired_count == 1).await;
+    assert_eq!(proxy.stats().listeners[0].pool_stats.size, 0);
+    let second = exchange(&socket, address, b"two").await.unwrap();
+    let port = |r: &[u8]| String::from_utf8_lossy(r).split_once(':').unwrap().0.to_owned();
+    assert_ne!(port(&first), port(&second), "a new session has a new upstream socket");
+    let (_, metrics) = http_get(proxy.admin_address().unwrap(), "/metrics").await;
+    assert_eq!(metric(&metrics, r#"l4proxy_connections_closed_total{listener="dns",reason="idle_timeout"}"#), 1.0);
+}
+
+#[tokio::test]
+async fn datagrams_from_new_clients_beyond_the_session_limit_are_dropped_and_counted() {
+    let echo = udp_echo().await;
+    let (proxy, address) = udp_proxy(&[echo], "maxConnections: 2").await;
+    let (a, b, c) = (client().await, client().await, client().await);
+    assert!(exchange(&a, address, b"a").await.is_some());
+    assert!(exchange(&b, address, b"b").await.is_some());
+    assert!(exchange(&c, address, b"c").await.is_none(), "the third client gets no session");
+    assert!(exchange(&a, address, b"a again").await.is_some(), "existing sessions keep working");
+    let stats = proxy.stats();
+    let dns = &stats.listeners[0];
+    assert_eq!(dns.udp.as_ref().unwrap().dropped["limit"], 1);
+    assert_eq!(dns.pool_stats.rejected_inserts, 1);
+    let (_, metrics) = http_get(proxy.admin_address().unwrap(), "/metrics").await;
+    assert_eq!(metric(&metrics, r#"l4proxy_datagrams_dropped_total{listener="dns",reason="limit"}"#), 1.0);
+}
+
+#[tokio::test]
+async fn udp_sessions_survive_a_reload_that_keeps_their_backend() {
+    let echo = udp_echo().await;
+    let other = udp_echo().await;
+    let port = free_port();
+    let yaml = |backends: &[SocketAddr], max: u32| {
+        let backends: Vec<String> = backends.iter().map(|b| format!("{{address: '{b}'}}")).collect();
+        format!(
+            "listeners:\n- name: dns\n  protocol: UDP\n  address: 127.0.0.1:{port}\n  backends: [{}]\n  limits: {{maxConnections: {max}}}\n",
+            backends.join(", ")
+        )
+    };
+    let proxy = start_proxy(&yaml(&[echo], 10)).await;
+    let address = proxy.listener_address("dns").unwrap();
+    let socket = client().await;
+    let before = exchange(&socket, address, b"before").await.unwrap();
+
+    proxy.apply(config(&yaml(&[echo, other], 20)).await).unwrap();
+
+    let after = exchange(&socket, address, b"after").await.unwrap();
+    let port_of = |r: &[u8]| String::from_utf8_lossy(r).split_once(':').unwrap().0.to_owned();
+    assert_eq!(port_of(&before), port_of(&after), "the same session, the same upstream socket");
+    assert_eq!(proxy.stats().listeners[0].pool_stats.max_size, 20);
+    assert_eq!(proxy.stats().listeners[0].accepted, 1);
+
+    // A reload that removes the session's backend ends the session.
+    proxy.apply(config(&yaml(&[other], 20)).await).unwrap();
+    assert_eq!(proxy.stats().listeners[0].pool_stats.size, 0);
+    let moved = exchange(&socket, address, b"moved").await.unwrap();
+    assert_ne!(port_of(&moved), port_of(&before));
+}
+
+#[tokio::test]
+async fn udp_listener_reports_pool_stats_in_stats_json() {
+    let echo = udp_echo().await;
+    let (proxy, address) = udp_proxy(&[echo], "maxConnections: 64").await;
+    let socket = client().await;
+    exchange(&socket, address, b"hello").await.unwrap();
+    let (status, body) = http_get(proxy.admin_address().unwrap(), "/stats").await;
+    assert_eq!(status, 200);
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let dns = &stats["listeners"][0];
+    assert_eq!(dns["protocol"], "UDP");
+    assert_eq!(dns["poolStats"]["size"], 1);
+    assert_eq!(dns["poolStats"]["maxSize"], 64);
+    assert_eq!(dns["poolStats"]["expiredCount"], 0);
+    assert!(dns["poolStats"]["averageAgeSeconds"].is_number());
+    assert_eq!(dns["udp"]["datagramsReceived"], 1);
+    assert_eq!(dns["bytesReceived"], 5);
+}
