@@ -32,8 +32,11 @@ impl Running {
             .spawn()
             .expect("start l4proxy");
         let running = Self { child, log, admin };
-        wait_until_async("the proxy is ready", || async { TcpStream::connect(admin).await.is_ok() }).await;
-        assert_eq!(http_get(admin, "/readyz").await.0, 200);
+        // Ready only once every listener is bound: the admin server may answer 503 before that.
+        wait_until_async("the proxy is ready", || async {
+            TcpStream::connect(admin).await.is_ok() && http_get(admin, "/readyz").await.0 == 200
+        })
+        .await;
         running
     }
 
