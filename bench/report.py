@@ -157,6 +157,22 @@ def table(results_path: str, meta_path: str) -> str:
                 errs.append(f"{test}/{NAMES[p]}: {e:.0f}")
     out.append("wrk socket errors / non-2xx responses (sum over rounds): " + (", ".join(errs) if errs else "none") + ".\n")
 
+    repeats, still_loaded, foreign_all = 0, [], []
+    max_foreign = float(meta.get("max_foreign", "inf"))
+    for (test, path, metric), vs in values.items():
+        if metric == "attempts":
+            repeats += sum(int(v) - 1 for _, v in vs)
+        if metric == "foreign_cores":
+            foreign_all += [v for _, v in vs]
+            still_loaded += [f"{test}/{NAMES[path]} r{r} ({v:.2f})" for r, v in vs if v > max_foreign]
+    if foreign_all:
+        out.append(
+            f"Other load on the machine during the runs (\"foreign\" CPU, cores): median {statistics.median(foreign_all):.2f}, "
+            f"max {max(foreign_all):.2f}; {repeats} run(s) were repeated because it exceeded {max_foreign:g} cores"
+            + (f"; kept anyway after {meta.get('retries', '?')} repeats: {', '.join(still_loaded)}" if still_loaded else "")
+            + ".\n"
+        )
+
     out.append("<details><summary>Every round (in round order)</summary>\n")
     out.append("| Test | Unit | direct | HAProxy | l4proxy |")
     out.append("|---|---|---|---|---|")
@@ -167,6 +183,12 @@ def table(results_path: str, meta_path: str) -> str:
             f"| {label} | {unit} | {spread(test, 'direct', metric, dec)} | {spread(test, 'haproxy', metric, dec)} "
             f"| {spread(test, 'l4proxy', metric, dec)} |"
         )
+    for test, label in (("iperf1", "iperf3 1 stream"), ("iperf8", "iperf3 8 streams"), ("close", "new connections"), ("keepalive", "keep-alive")):
+        if any(values.get((test, p, "foreign_cores")) for p in PATHS):
+            out.append(
+                f"| {label}: foreign load | cores | {spread(test, 'direct', 'foreign_cores', 2)} "
+                f"| {spread(test, 'haproxy', 'foreign_cores', 2)} | {spread(test, 'l4proxy', 'foreign_cores', 2)} |"
+            )
     out.append("\nOrder of paths per round: " + meta.get("orders", "?") + "\n")
     out.append("</details>\n")
     return "\n".join(out)
