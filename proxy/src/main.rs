@@ -145,6 +145,12 @@ async fn run(config: Config, path: Option<&Path>, drain: Duration, watch_interva
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
+    // Every connection takes two descriptors and every UDP session one: use all the hard limit
+    // allows, so maxConnections, not a default soft limit of 1024, is what bounds them.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open-file limit"),
+    }
     let proxy = Proxy::start(config, Arc::new(Metrics::new())).await.context("starting listeners")?;
     tracing::info!(listeners = proxy.config().listeners.len(), "l4proxy started");
 
