@@ -201,6 +201,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn empty_data_is_incomplete() {
@@ -243,5 +244,27 @@ mod tests {
         assert_eq!(r.varint(), Ok(37));
         let mut r = Reader::new(&[0x40]);
         assert_eq!(r.varint(), Err(Stop::Short));
+    }
+
+    proptest! {
+        /// Callers re-probe a growing buffer, so a definite answer for a prefix must not be
+        /// contradicted by more bytes.
+        #[test]
+        fn growing_the_input_never_changes_a_definite_answer(
+            seed in 0usize..4, tail in proptest::collection::vec(any::<u8>(), 0..64), cut in 0usize..128
+        ) {
+            let seeds: [&[u8]; 4] =
+                [b"GET / HTTP/1.1\r\n", b"SSH-2.0-", &[22, 3, 1, 0, 50, 1, 0, 0, 46, 3, 3], b"PRI * HTTP/2.0"];
+            let data = [seeds[seed], &tail].concat();
+            let whole = probe_tcp(&data);
+            match (probe_tcp(&data[..cut.min(data.len())]), &whole) {
+                (TcpProbe::Incomplete, _) => {}
+                (TcpProbe::Unknown, whole) => prop_assert_eq!(whole, &TcpProbe::Unknown),
+                (TcpProbe::Detected { protocol, .. }, TcpProbe::Detected { protocol: p, .. }) => {
+                    prop_assert_eq!(protocol, *p)
+                }
+                (prefix, whole) => prop_assert!(false, "prefix {:?} but whole {:?}", prefix, whole),
+            }
+        }
     }
 }
