@@ -7,8 +7,7 @@
 use std::net::SocketAddr;
 
 use l4proxy::{
-    ConnectionManager, ConnectionMetrics, TcpConnectionManager, ListenerSettings, config::parse_yaml,
-    metrics::Metrics,
+    ConnectionManager, ConnectionMetrics, ListenerSettings, TcpConnectionManager, config::parse_yaml, metrics::Metrics,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

@@ -3,7 +3,10 @@
 //! then a matched ALPN, then a matched protocol); ties go to the route listed first. No match:
 //! the listener's own backends (the default route).
 
-use crate::config::{RouteConfig, RouteProtocol};
+use crate::{
+    config::{RouteConfig, RouteProtocol},
+    probe::{ProbeInfo, TcpProbedProtocol, UdpProbedProtocol},
+};
 
 /// What probing found about a connection or session.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -11,6 +14,32 @@ pub struct Probed<'a> {
     pub protocol: Option<RouteProtocol>,
     pub server_name: Option<&'a str>,
     pub alpn: &'a [String],
+}
+
+impl<'a> Probed<'a> {
+    /// What a probe detected.
+    pub fn found(protocol: RouteProtocol, info: &'a ProbeInfo) -> Self {
+        Self { protocol: Some(protocol), server_name: info.server_name.as_deref(), alpn: &info.alpn }
+    }
+}
+
+impl From<TcpProbedProtocol> for RouteProtocol {
+    fn from(protocol: TcpProbedProtocol) -> Self {
+        match protocol {
+            TcpProbedProtocol::Tls => Self::Tls,
+            TcpProbedProtocol::Http => Self::Http,
+            TcpProbedProtocol::Ssh => Self::Ssh,
+        }
+    }
+}
+
+impl From<UdpProbedProtocol> for RouteProtocol {
+    fn from(protocol: UdpProbedProtocol) -> Self {
+        match protocol {
+            UdpProbedProtocol::Quic => Self::Quic,
+            UdpProbedProtocol::WireGuard => Self::WireGuard,
+        }
+    }
 }
 
 type Specificity = ((u8, usize), bool, bool);

@@ -119,10 +119,12 @@ pub enum CloseReason {
     ProxyProtocol,
     /// A peer outside the trusted PROXY protocol sources.
     UntrustedSource,
+    /// A UDP session ended by a reload that removed its backend.
+    Evicted,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         Self::Completed,
         Self::IdleTimeout,
         Self::ClientError,
@@ -133,6 +135,7 @@ impl CloseReason {
         Self::NoRoute,
         Self::ProxyProtocol,
         Self::UntrustedSource,
+        Self::Evicted,
     ];
 
     pub fn label(self) -> &'static str {
@@ -147,6 +150,7 @@ impl CloseReason {
             Self::NoRoute => "no_route",
             Self::ProxyProtocol => "proxy_protocol",
             Self::UntrustedSource => "untrusted_source",
+            Self::Evicted => "evicted",
         }
     }
 

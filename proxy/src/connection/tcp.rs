@@ -21,9 +21,9 @@ use super::{
 };
 use crate::{
     backend::Connected,
-    config::{ListenerConfig, RouteProtocol},
+    config::ListenerConfig,
     metrics::Metrics,
-    probe::{MAX_TCP_PROBE_BYTES, TcpProbe, TcpProbedProtocol, probe_tcp},
+    probe::{MAX_TCP_PROBE_BYTES, TcpProbe, probe_tcp},
     proxy_protocol,
     routing::Probed,
 };
@@ -260,15 +260,7 @@ struct ProbeRead {
 impl ProbeRead {
     fn routing_view(&self) -> Probed<'_> {
         match &self.result {
-            TcpProbe::Detected { protocol, info } => Probed {
-                protocol: Some(match protocol {
-                    TcpProbedProtocol::Tls => RouteProtocol::Tls,
-                    TcpProbedProtocol::Http => RouteProtocol::Http,
-                    TcpProbedProtocol::Ssh => RouteProtocol::Ssh,
-                }),
-                server_name: info.server_name.as_deref(),
-                alpn: &info.alpn,
-            },
+            TcpProbe::Detected { protocol, info } => Probed::found((*protocol).into(), info),
             TcpProbe::Incomplete | TcpProbe::Unknown => Probed::default(),
         }
     }

@@ -31,7 +31,7 @@ use crate::{
     config::{ListenerConfig, ProxyProtocolVersion, RouteProtocol},
     metrics::Metrics,
     pool::{ConnectionPool, DashMapConnectionPool, Expiry, PoolStats, SessionKey},
-    probe::{QuicInitialProbe, UdpProbe, UdpProbedProtocol, is_wireguard_initiation},
+    probe::{QuicInitialProbe, UdpProbe, is_wireguard_initiation},
     proxy_protocol,
     routing::Probed,
 };
@@ -173,7 +173,7 @@ impl UdpConnectionManager {
     }
 
     /// Applies a reloaded listener config. Sessions whose backend is still configured keep
-    /// running; the others end (`reason="backend_removed"` in the access log is `evicted`).
+    /// running; the others end (`reason="evicted"`).
     pub fn update(&self, config: ListenerConfig, metrics: &Metrics) {
         let next = ListenerSettings::new(config, Some(&self.settings.load()), metrics);
         self.pool.set_limits(next.limits().max_connections as usize, expiry(&next));
@@ -182,7 +182,7 @@ impl UdpConnectionManager {
         for (key, session) in self.pool.snapshot() {
             let backend = session._lease.backend().address();
             if !kept.iter().any(|b| b == backend) {
-                session.end(CloseReason::Shutdown);
+                session.end(CloseReason::Evicted);
                 self.pool.remove(&key);
             }
         }
@@ -319,14 +319,7 @@ impl UdpConnectionManager {
         let Some(found) = decided else { return };
         let Some((_, probing)) = self.probing.remove(&key) else { return };
         let probed = match &found {
-            Some((protocol, info)) => Probed {
-                protocol: Some(match protocol {
-                    UdpProbedProtocol::Quic => RouteProtocol::Quic,
-                    UdpProbedProtocol::WireGuard => RouteProtocol::WireGuard,
-                }),
-                server_name: info.server_name.as_deref(),
-                alpn: &info.alpn,
-            },
+            Some((protocol, info)) => Probed::found((*protocol).into(), info),
             None => Probed::default(),
         };
         self.start_session(key, &probed, probing.held, sessions);
