@@ -169,7 +169,7 @@ def table(results_path: str, meta_path: str) -> str:
         out.append(
             f"Other load on the machine during the runs (\"foreign\" CPU, cores): median {statistics.median(foreign_all):.2f}, "
             f"max {max(foreign_all):.2f}; {repeats} run(s) were repeated because it exceeded {max_foreign:g} cores"
-            + (f"; kept anyway after {meta.get('retries', '?')} repeats: {', '.join(still_loaded)}" if still_loaded else "")
+            + (f"; kept although above the limit (repeats or the {meta.get('quiet_budget', '?')} s waiting budget used up): {', '.join(still_loaded)}" if still_loaded else "")
             + ".\n"
         )
 
