@@ -30,6 +30,9 @@ use crate::{
 
 /// Pending connections the kernel queues per listener before accept.
 pub const LISTEN_BACKLOG: i32 = 1024;
+/// Receive buffer asked for on UDP listener sockets (the kernel caps it at
+/// `net.core.rmem_max`).
+pub const UDP_RECV_BUFFER: usize = 4 * 1024 * 1024;
 /// Pause after a failed accept (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 /// How often host-name backends are re-resolved.
@@ -293,7 +296,7 @@ impl Proxy {
                 (local, Manager::Tcp(manager))
             }
             Bound::Udp(socket) => {
-                let manager = UdpConnectionManager::new(settings, socket, self.cut.clone())
+                let manager = UdpConnectionManager::new(settings, socket)
                     .map_err(|source| ConnectionError::BindFailed { address: listener.address, source })?;
                 let manager = Arc::new(manager);
                 tokio::spawn(manager.clone().serve(stop_accepting.clone(), self.connections.clone()));
@@ -425,6 +428,9 @@ pub fn bind_udp(address: SocketAddr) -> Result<UdpSocket, ConnectionError> {
         let socket = socket2::Socket::new(socket2::Domain::for_address(address), socket2::Type::DGRAM, None)?;
         socket.set_reuse_address(true)?;
         socket.set_nonblocking(true)?;
+        // A burst of new clients arrives while sessions are being set up; the kernel caps this
+        // at net.core.rmem_max, which an operator may raise.
+        socket.set_recv_buffer_size(UDP_RECV_BUFFER)?;
         socket.bind(&address.into())?;
         UdpSocket::from_std(socket.into())
     };

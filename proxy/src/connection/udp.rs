@@ -20,7 +20,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use tokio::{io::Interest, net::UdpSocket};
+use tokio::{io::Interest, net::UdpSocket, sync::Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -56,37 +56,44 @@ pub struct UdpConnectionInfo {
     pub backend: SocketAddr,
 }
 
-/// Counters a session shares with its reply task, for the access-log line at its end.
-#[derive(Default)]
-struct SessionCounters {
+/// What a session shares with its reply task: identity and counters for the access-log line
+/// at its end, and the signal that it ended. One allocation per session, kept small: 100,000
+/// sessions is an ordinary load.
+struct SessionShared {
+    info: UdpConnectionInfo,
     datagrams_up: AtomicU64,
     bytes_up: AtomicU64,
     datagrams_down: AtomicU64,
     bytes_down: AtomicU64,
     /// `CloseReason` index, set by whoever ends the session, before it ends.
     reason: AtomicU8,
+    /// Signalled once, when the session is dropped from the pool (expiry, reload, shutdown).
+    /// `notify_one` keeps a permit, so the signal is not lost while the task is busy.
+    ended: Notify,
 }
 
 /// A UDP session: the pool holds it; dropping the last handle ends its reply task.
 pub struct UdpConnection {
-    pub info: UdpConnectionInfo,
+    shared: Arc<SessionShared>,
     upstream: Arc<UdpSocket>,
     /// Prefix for every datagram to the backend (PROXY protocol v2, DGRAM), if configured.
     header: Option<Box<[u8]>>,
-    counters: Arc<SessionCounters>,
-    closed: CancellationToken,
-    _lease: BackendLease,
+    lease: BackendLease,
 }
 
 impl Drop for UdpConnection {
     fn drop(&mut self) {
-        self.closed.cancel();
+        self.shared.ended.notify_one();
     }
 }
 
 impl UdpConnection {
+    pub fn info(&self) -> &UdpConnectionInfo {
+        &self.shared.info
+    }
+
     fn end(&self, reason: CloseReason) {
-        self.counters.reason.store(reason.index() as u8, Ordering::Relaxed);
+        self.shared.reason.store(reason.index() as u8, Ordering::Relaxed);
     }
 
     /// Sends one client datagram to the backend; false if it had to be dropped.
@@ -106,8 +113,8 @@ impl UdpConnection {
             }),
         };
         if sent.is_ok() {
-            self.counters.datagrams_up.fetch_add(1, Ordering::Relaxed);
-            self.counters.bytes_up.fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.shared.datagrams_up.fetch_add(1, Ordering::Relaxed);
+            self.shared.bytes_up.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
         sent.is_ok()
     }
@@ -123,11 +130,15 @@ struct Probing {
 /// The reply side of a session, run by [`ConnectionManager::handle_connection`].
 pub struct UdpSessionTask {
     key: SessionKey,
-    info: UdpConnectionInfo,
     upstream: Arc<UdpSocket>,
-    counters: Arc<SessionCounters>,
-    closed: CancellationToken,
+    shared: Arc<SessionShared>,
     settings: Arc<ListenerSettings>,
+}
+
+impl UdpSessionTask {
+    fn of(key: SessionKey, session: &UdpConnection, settings: Arc<ListenerSettings>) -> Self {
+        Self { key, upstream: session.upstream.clone(), shared: session.shared.clone(), settings }
+    }
 }
 
 /// Serves one UDP listening socket.
@@ -139,11 +150,11 @@ pub struct UdpConnectionManager {
     pool: DashMapConnectionPool<SessionKey, Arc<UdpConnection>>,
     /// New sessions whose first datagrams are being probed; bounded like the pool.
     probing: dashmap::DashMap<SessionKey, Probing>,
-    cut: CancellationToken,
 }
 
 impl UdpConnectionManager {
-    pub fn new(settings: ListenerSettings, socket: UdpSocket, cut: CancellationToken) -> io::Result<Self> {
+    /// Serves `socket`. Shutdown ends its sessions through [`Self::close_all`].
+    pub fn new(settings: ListenerSettings, socket: UdpSocket) -> io::Result<Self> {
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
         let local = socket.local_addr()?;
         let limits = settings.limits();
@@ -156,7 +167,6 @@ impl UdpConnectionManager {
             local,
             pool,
             probing: dashmap::DashMap::new(),
-            cut,
         })
     }
 
@@ -180,7 +190,7 @@ impl UdpConnectionManager {
         let kept: Vec<String> = next.config.all_backends().map(|b| b.address.clone()).collect();
         self.settings.store(Arc::new(next));
         for (key, session) in self.pool.snapshot() {
-            let backend = session._lease.backend().address();
+            let backend = session.lease.backend().address();
             if !kept.iter().any(|b| b == backend) {
                 session.end(CloseReason::Evicted);
                 self.pool.remove(&key);
@@ -354,14 +364,7 @@ impl UdpConnectionManager {
                 settings.metrics.dropped(DropReason::SendFailed).inc();
             }
         }
-        let task = UdpSessionTask {
-            key,
-            info: session.info.clone(),
-            upstream: session.upstream.clone(),
-            counters: session.counters.clone(),
-            closed: session.closed.clone(),
-            settings,
-        };
+        let task = UdpSessionTask::of(key, &session, settings);
         let manager = self.clone();
         sessions.spawn(async move {
             let _ = manager.handle_connection(task).await;
@@ -399,13 +402,20 @@ impl UdpConnectionManager {
             proxy_protocol::write_v2_datagram_header(client, local, &mut header);
             header.into_boxed_slice()
         });
-        let session = Arc::new(UdpConnection {
+        let shared = SessionShared {
             info: UdpConnectionInfo { context, backend: address },
+            datagrams_up: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            datagrams_down: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            reason: AtomicU8::new(CloseReason::Shutdown.index() as u8),
+            ended: Notify::new(),
+        };
+        let session = Arc::new(UdpConnection {
+            shared: Arc::new(shared),
             upstream: Arc::new(upstream),
             header,
-            counters: Arc::default(),
-            closed: self.cut.child_token(),
-            _lease: BackendLease::new(backend.state.clone()),
+            lease: BackendLease::new(backend.state.clone()),
         });
         self.pool.insert(key, session.clone())?;
         settings.metrics.accepted.inc();
@@ -454,25 +464,18 @@ impl ConnectionManager for UdpConnectionManager {
         debug_assert_eq!(client, (source, destination));
         let settings = self.settings.load_full();
         let session = self.create_session(client, &settings.backends, &settings)?;
-        Ok(UdpSessionTask {
-            key: client,
-            info: session.info.clone(),
-            upstream: session.upstream.clone(),
-            counters: session.counters.clone(),
-            closed: session.closed.clone(),
-            settings,
-        })
+        Ok(UdpSessionTask::of(client, &session, settings))
     }
 
     /// Relays the backend's replies to the client until the session ends (expired, removed,
     /// or shutdown), then reports it.
     async fn handle_connection(&self, task: UdpSessionTask) -> Result<ConnectionMetrics, ConnectionError> {
-        let UdpSessionTask { key, info, upstream, counters, closed, settings } = task;
+        let UdpSessionTask { key, upstream, shared, settings } = task;
         let (client, local) = key;
         loop {
             tokio::select! {
                 biased;
-                _ = closed.cancelled() => break,
+                _ = shared.ended.notified() => break,
                 ready = upstream.readable() => if ready.is_err() { break },
             }
             let received = BUFFER.with_borrow_mut(|buf| {
@@ -480,8 +483,8 @@ impl ConnectionManager for UdpConnectionManager {
                 if self.send_down(client, local.ip(), &buf[..n]) {
                     settings.metrics.datagrams_sent.inc();
                     settings.metrics.bytes_sent.inc_by(n as u64);
-                    counters.datagrams_down.fetch_add(1, Ordering::Relaxed);
-                    counters.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+                    shared.datagrams_down.fetch_add(1, Ordering::Relaxed);
+                    shared.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
                 } else {
                     settings.metrics.dropped(DropReason::SendFailed).inc();
                 }
@@ -494,15 +497,16 @@ impl ConnectionManager for UdpConnectionManager {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // ICMP port unreachable from the backend surfaces here; the session stays
                 // until it idles out, as the backend may come back.
-                Err(error) => tracing::debug!(%error, backend = %info.backend, "UDP backend error"),
+                Err(error) => tracing::debug!(%error, backend = %shared.info.backend, "UDP backend error"),
             }
         }
         let reason =
-            CloseReason::ALL[usize::from(counters.reason.load(Ordering::Relaxed)).min(CloseReason::ALL.len() - 1)];
+            CloseReason::ALL[usize::from(shared.reason.load(Ordering::Relaxed)).min(CloseReason::ALL.len() - 1)];
+        let info = &shared.info;
         let mut metrics = ConnectionMetrics {
             backend: Some(info.backend),
-            bytes_received: counters.bytes_up.load(Ordering::Relaxed),
-            bytes_sent: counters.bytes_down.load(Ordering::Relaxed),
+            bytes_received: shared.bytes_up.load(Ordering::Relaxed),
+            bytes_sent: shared.bytes_down.load(Ordering::Relaxed),
             close_reason: reason,
             lifetime: info.context.started.elapsed(),
             ..Default::default()
@@ -518,8 +522,8 @@ impl ConnectionManager for UdpConnectionManager {
             protocol = "UDP",
             source = %client,
             backend_address = %info.backend,
-            datagrams_received = counters.datagrams_up.load(Ordering::Relaxed),
-            datagrams_sent = counters.datagrams_down.load(Ordering::Relaxed),
+            datagrams_received = shared.datagrams_up.load(Ordering::Relaxed),
+            datagrams_sent = shared.datagrams_down.load(Ordering::Relaxed),
             bytes_received = metrics.bytes_received,
             bytes_sent = metrics.bytes_sent,
             duration_ms = metrics.lifetime.as_millis() as u64,
