@@ -134,7 +134,11 @@ if SPATHS and any(t == "sessions" for (t, _, _) in data):
     w(f"## Sessions: {int(float(meta.get('sessions_offered', 0))):,} clients, one datagram each\n")
     w(f"Each client socket has its own source address (127.10.0.x, ports 2000–29999); fresh proxy per run; "
       f"memory = after − before, divided by the sessions held (l4proxy: poolStats.size; nginx: answered). "
-      f"Ephemeral port range: {meta.get('port_range')}.\n")
+      f"Ephemeral port range: {meta.get('port_range')}; open-files limit {meta.get('nofile')}.\n")
+    if meta.get("sessions_wanted") and meta.get("sessions_wanted") != meta.get("sessions_offered"):
+        w(f"**Scaled down:** {int(meta['sessions_wanted']):,} sessions were wanted, but the open-files hard limit "
+          f"is {meta.get('nofile')} and could not be raised (no CAP_SYS_RESOURCE), and each proxy needs one socket "
+          f"per session.\n")
     w("| Metric | " + " | ".join(NAMES[p] for p in SPATHS) + " | l4proxy / nginx |")
     w("|---|" + "--:|" * (len(SPATHS) + 1))
     rows = (("offered", "clients offered", "int"), ("answered", "answered", "int"), ("sessions", "sessions held", "int"),
@@ -173,7 +177,7 @@ if SPATHS:
     off, ans = med("sessions", "l4proxy", "offered"), med("sessions", "l4proxy", "answered")
     if off:
         w(f"- Every one of {off:,.0f} sessions answered: {'met' if ans == off else 'missed'} — {ans:,.0f} answered "
-          f"({100 * ans / off:.1f} %).")
+          f"({off - ans:,.0f} unanswered, {100 * ans / off:.2f} %).")
     pd = med("sessions", "l4proxy", "pdirty_per_session_b")
     an = med("sessions", "l4proxy", "anon_per_session_b")
     if pd is not None:
