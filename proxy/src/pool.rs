@@ -201,6 +201,19 @@ impl<K: PoolKey, V: Clone> DashMapConnectionPool<K, V> {
         self.created_sum.fetch_sub(entry.created, Ordering::Relaxed);
     }
 
+    /// Runs `f` on the value for `key` (not expired), marking it used now, without cloning
+    /// the value: the per-packet path.
+    #[expect(clippy::disallowed_methods, reason = "the guard lives only for `f`, which cannot await")]
+    pub fn get_with<R>(&self, key: &K, f: impl FnOnce(&V) -> R) -> Option<R> {
+        let now = self.millis(Instant::now());
+        let entry = self.entries.get(key)?;
+        if self.deadline_of(&entry) <= now {
+            return None;
+        }
+        entry.last_used.store(now, Ordering::Relaxed);
+        Some(f(&entry.value))
+    }
+
     /// Counts an insert refused before it was tried (the caller checked [`Self::is_full`]).
     pub fn count_rejected(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);

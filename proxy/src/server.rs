@@ -299,7 +299,15 @@ impl Proxy {
                 let manager = UdpConnectionManager::new(settings, socket)
                     .map_err(|source| ConnectionError::BindFailed { address: listener.address, source })?;
                 let manager = Arc::new(manager);
-                tokio::spawn(manager.clone().serve(stop_accepting.clone(), self.connections.clone()));
+                // One receive loop per worker thread, so a flood is read on every core.
+                let workers = tokio::runtime::Handle::current().metrics().num_workers();
+                let readers = manager
+                    .readers(workers)
+                    .map_err(|source| ConnectionError::BindFailed { address: listener.address, source })?;
+                for (i, reader) in readers.into_iter().enumerate() {
+                    let serve = manager.clone().serve(reader, i == 0, stop_accepting.clone(), self.connections.clone());
+                    tokio::spawn(serve);
+                }
                 (manager.local_addr(), Manager::Udp(manager))
             }
         };

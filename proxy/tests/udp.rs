@@ -54,7 +54,8 @@ async fn client() -> UdpSocket {
     UdpSocket::bind("127.0.0.1:0").await.unwrap()
 }
 
-#[tokio::test]
+// Two workers: two receive loops drain the listener in parallel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_udp_clients_each_get_their_own_replies() {
     let echo = udp_echo().await;
     let (proxy, address) = udp_proxy(&[echo], "").await;

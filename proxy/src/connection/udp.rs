@@ -40,6 +40,8 @@ use crate::{
 const RECV_BATCH: usize = 8;
 /// Largest datagram (IPv4 UDP payload limit); also each receive buffer's size.
 const MAX_DATAGRAM: usize = 65_535;
+/// Replies relayed per session wakeup before yielding to other sessions.
+const REPLY_BATCH: usize = 32;
 /// Datagrams held per session while probing decides its route.
 pub const MAX_PROBE_DATAGRAMS: usize = 4;
 
@@ -230,8 +232,26 @@ impl UdpConnectionManager {
         }
     }
 
-    /// Reads datagrams until `stop`, dispatching each to its session.
-    pub async fn serve(self: Arc<Self>, stop: CancellationToken, sessions: tokio_util::task::TaskTracker) {
+    /// Sockets to read the listener from: the listener socket and `count - 1` duplicates of it,
+    /// so that `count` receive loops (one per worker thread) drain one queue in parallel.
+    pub fn readers(&self, count: usize) -> io::Result<Vec<Arc<UdpSocket>>> {
+        let mut readers = vec![self.socket.clone()];
+        for _ in 1..count {
+            let clone: std::net::UdpSocket = socket2::SockRef::from(&*self.socket).try_clone()?.into();
+            readers.push(Arc::new(UdpSocket::from_std(clone)?));
+        }
+        Ok(readers)
+    }
+
+    /// Reads datagrams from `socket` (see [`Self::readers`]) until `stop`, dispatching each to
+    /// its session. The loop that `sweeps` also expires sessions.
+    pub async fn serve(
+        self: Arc<Self>,
+        socket: Arc<UdpSocket>,
+        sweeps: bool,
+        stop: CancellationToken,
+        sessions: tokio_util::task::TaskTracker,
+    ) {
         let mut buffers = vec![0u8; RECV_BATCH * MAX_DATAGRAM];
         let mut slices: Vec<IoSliceMut<'_>> = buffers.chunks_mut(MAX_DATAGRAM).map(IoSliceMut::new).collect();
         let mut metas = [RecvMeta::default(); RECV_BATCH];
@@ -243,15 +263,14 @@ impl UdpConnectionManager {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                _ = sweep.tick() => { self.sweep(&sessions); continue; }
-                ready = self.socket.readable() => if let Err(error) = ready {
+                _ = sweep.tick(), if sweeps => { self.sweep(&sessions); continue; }
+                ready = socket.readable() => if let Err(error) = ready {
                     tracing::warn!(listener = %self.settings.load().name, %error, "UDP socket failed");
                     return;
                 }
             }
-            let received = self.socket.try_io(Interest::READABLE, || {
-                self.state.recv(UdpSockRef::from(&*self.socket), &mut slices, &mut metas)
-            });
+            let received = socket
+                .try_io(Interest::READABLE, || self.state.recv(UdpSockRef::from(&*socket), &mut slices, &mut metas));
             let count = match received {
                 Ok(count) => count,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -282,8 +301,8 @@ impl UdpConnectionManager {
         settings.metrics.datagrams_received.inc();
         settings.metrics.bytes_received.inc_by(data.len() as u64);
         let key = (client, local);
-        if let Some(session) = self.pool.get(&key) {
-            if !session.send_up(data) {
+        if let Some(sent) = self.pool.get_with(&key, |session| session.send_up(data)) {
+            if !sent {
                 settings.metrics.dropped(DropReason::SendFailed).inc();
             }
             return;
@@ -351,6 +370,15 @@ impl UdpConnectionManager {
         let Some(backends) = settings.route(probed) else { return drop_all(DropReason::NoRoute) };
         let session = match self.create_session(key, backends, &settings) {
             Ok(session) => session,
+            // Another receive loop created it a moment ago: use that one.
+            Err(ConnectionError::Duplicate { .. }) => {
+                for datagram in &held {
+                    if self.pool.get_with(&key, |session| session.send_up(datagram)) != Some(true) {
+                        settings.metrics.dropped(DropReason::SendFailed).inc();
+                    }
+                }
+                return;
+            }
             Err(error) => {
                 tracing::debug!(%error, reason = error.label(), "UDP session refused");
                 return drop_all(match error {
@@ -478,26 +506,36 @@ impl ConnectionManager for UdpConnectionManager {
                 _ = shared.ended.notified() => break,
                 ready = upstream.readable() => if ready.is_err() { break },
             }
-            let received = BUFFER.with_borrow_mut(|buf| {
-                let n = upstream.try_recv(buf)?;
-                if self.send_down(client, local.ip(), &buf[..n]) {
-                    settings.metrics.datagrams_sent.inc();
-                    settings.metrics.bytes_sent.inc_by(n as u64);
-                    shared.datagrams_down.fetch_add(1, Ordering::Relaxed);
-                    shared.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
-                } else {
-                    settings.metrics.dropped(DropReason::SendFailed).inc();
+            // Drain what is queued (bounded per wakeup, so one busy session cannot starve the
+            // others), marking the session used once per batch rather than per datagram.
+            let mut relayed = 0;
+            for _ in 0..REPLY_BATCH {
+                let received = BUFFER.with_borrow_mut(|buf| {
+                    let n = upstream.try_recv(buf)?;
+                    if self.send_down(client, local.ip(), &buf[..n]) {
+                        settings.metrics.datagrams_sent.inc();
+                        settings.metrics.bytes_sent.inc_by(n as u64);
+                        shared.datagrams_down.fetch_add(1, Ordering::Relaxed);
+                        shared.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+                    } else {
+                        settings.metrics.dropped(DropReason::SendFailed).inc();
+                    }
+                    Ok::<_, io::Error>(n)
+                });
+                match received {
+                    Ok(_) => relayed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // ICMP port unreachable from the backend surfaces here; the session stays
+                    // until it idles out, as the backend may come back.
+                    Err(error) => {
+                        tracing::debug!(%error, backend = %shared.info.backend, "UDP backend error");
+                        break;
+                    }
                 }
-                Ok::<_, io::Error>(n)
-            });
-            match received {
-                Ok(_) => {
-                    self.pool.touch(&key);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // ICMP port unreachable from the backend surfaces here; the session stays
-                // until it idles out, as the backend may come back.
-                Err(error) => tracing::debug!(%error, backend = %shared.info.backend, "UDP backend error"),
+            }
+            if relayed > 0 {
+                // An entry that expired meanwhile stays expired; the sweep ends it.
+                self.pool.touch(&key);
             }
         }
         let reason =
