@@ -465,10 +465,13 @@ async fn accept_loop(
     connections: TaskTracker,
 ) {
     let local = socket.local_addr().ok();
+    // One cancellation future for the loop's life: registering a fresh one per accept costs a
+    // lock on the token each time.
+    let mut stopped = std::pin::pin!(stop.cancelled());
     loop {
         let accepted: std::io::Result<(TcpStream, SocketAddr)> = tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
+            _ = &mut stopped => return,
             accepted = socket.accept() => accepted,
         };
         let (client, source) = match accepted {
@@ -477,7 +480,7 @@ async fn accept_loop(
                 manager.settings().metrics.accept_errors.inc();
                 tracing::warn!(listener = %manager.settings().name, %error, "accept failed");
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = &mut stopped => return,
                     _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
                 }
             }

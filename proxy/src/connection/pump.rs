@@ -10,7 +10,7 @@
 use std::{
     cell::RefCell,
     future::poll_fn,
-    io,
+    io::{self, Read},
     net::Shutdown,
     pin::pin,
     task::{Context, Poll, ready},
@@ -18,7 +18,7 @@ use std::{
 };
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::{net::TcpStream, time::Instant};
+use tokio::{io::Interest, net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::CloseReason;
@@ -74,7 +74,16 @@ impl Half {
 
     /// Moves what it can from `src` to `dst`. Ready(Ok(n)) after progress (n bytes read, or 0
     /// for a state change); Pending once both the read and the write side would block.
-    fn poll_advance(&mut self, cx: &mut Context<'_>, src: &TcpStream, dst: &TcpStream) -> Poll<Result<usize, Failure>> {
+    ///
+    /// `other_done`: the opposite direction has finished, so both sockets are about to be
+    /// closed; this direction's end then needs no `shutdown` (the close sends the FIN).
+    fn poll_advance(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        other_done: bool,
+    ) -> Poll<Result<usize, Failure>> {
         loop {
             if !self.pending.is_empty() {
                 ready!(dst.poll_write_ready(cx)).map_err(Failure::Write)?;
@@ -83,7 +92,7 @@ impl Half {
                         self.pending.drain(..n);
                         if self.pending.is_empty() {
                             self.pending = Vec::new();
-                            self.finish_if_drained(dst)?;
+                            self.finish_if_drained(dst, other_done)?;
                         }
                         return Poll::Ready(Ok(0));
                     }
@@ -92,11 +101,11 @@ impl Half {
                 }
             }
             if self.read_done {
-                self.finish_if_drained(dst)?;
+                self.finish_if_drained(dst, other_done)?;
                 return Poll::Ready(Ok(0));
             }
             ready!(src.poll_read_ready(cx)).map_err(Failure::Read)?;
-            let step = BUFFER.with_borrow_mut(|buf| self.read_then_write(src, dst, buf));
+            let step = BUFFER.with_borrow_mut(|buf| self.read_then_write(src, dst, buf, other_done));
             match step {
                 Err(Failure::Read(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 other => return Poll::Ready(other),
@@ -104,12 +113,18 @@ impl Half {
         }
     }
 
-    fn read_then_write(&mut self, src: &TcpStream, dst: &TcpStream, buf: &mut [u8]) -> Result<usize, Failure> {
-        let n = src.try_read(buf).map_err(Failure::Read)?;
+    fn read_then_write(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        buf: &mut [u8],
+        other_done: bool,
+    ) -> Result<usize, Failure> {
+        let n = read_drained(src, buf).map_err(Failure::Read)?;
         if n == 0 {
             self.read_done = true;
             self.finished_at = Some(Instant::now());
-            self.finish_if_drained(dst)?;
+            self.finish_if_drained(dst, other_done)?;
             return Ok(0);
         }
         self.bytes += n as u64;
@@ -127,10 +142,14 @@ impl Half {
         Ok(n)
     }
 
-    /// Once the source has ended and everything read was written, pass the half-close on.
-    fn finish_if_drained(&mut self, dst: &TcpStream) -> Result<(), Failure> {
+    /// Once the source has ended and everything read was written, pass the half-close on
+    /// (unless both sockets are about to be closed anyway).
+    fn finish_if_drained(&mut self, dst: &TcpStream, other_done: bool) -> Result<(), Failure> {
         if self.read_done && self.pending.is_empty() && !self.write_done {
             self.write_done = true;
+            if other_done {
+                return Ok(());
+            }
             match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
                 // The peer may already be gone; its own read error or EOF reports that.
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(Failure::Write(e)),
@@ -138,6 +157,26 @@ impl Half {
             }
         }
         Ok(())
+    }
+}
+
+/// Reads once from `src`. A short read (less than the buffer) means the socket's queue was
+/// drained, so its read readiness is cleared here, saving the `recv` that would only return
+/// `EAGAIN` (edge-triggered: data arriving later raises readiness again, and tokio never clears
+/// a read-closed state, so an EOF that came with the data is still seen).
+fn read_drained(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut short_read = 0;
+    let result = src.try_io(Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(src)).read(buf)?;
+        if n > 0 && n < buf.len() {
+            short_read = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short_read > 0 => Ok(short_read),
+        other => other,
     }
 }
 
@@ -169,7 +208,7 @@ pub(crate) async fn pump(
         loop {
             let mut progressed = false;
             if !up.done() {
-                match up.poll_advance(cx, client, backend) {
+                match up.poll_advance(cx, client, backend, down.done()) {
                     Poll::Ready(Ok(n)) => {
                         counters.up.inc_by(n as u64);
                         progressed = true;
@@ -180,7 +219,7 @@ pub(crate) async fn pump(
                 }
             }
             if !down.done() {
-                match down.poll_advance(cx, backend, client) {
+                match down.poll_advance(cx, backend, client, up.done()) {
                     Poll::Ready(Ok(n)) => {
                         counters.down.inc_by(n as u64);
                         progressed = true;
