@@ -217,7 +217,11 @@ async fn changed_file_is_reloaded_and_an_invalid_one_changes_nothing_and_is_coun
     write_config(&dir, &format!("{head}{}  limits: {{maxConections: 5}}\n", listener("a", a, echo.address)));
     let failure = r#"l4proxy_config_reloads_total{result="failure"}"#;
     wait_until_async("the bad file is counted", || async { metric(&proxy.metrics().await, failure) == 1.0 }).await;
-    assert!(proxy.log().contains("listeners[0].limits.maxConections"), "logged with the field path");
+    // The log line goes through the writer thread: wait for it rather than race it.
+    wait_until("the rejection is logged with the field path", || {
+        proxy.log().contains("listeners[0].limits.maxConections")
+    })
+    .await;
     echo_through(a_address).await;
 
     write_config(&dir, &format!("{head}{}{}", listener("a", a, echo.address), listener("b", b, echo.address)));
