@@ -91,6 +91,21 @@ fn listener(name: &str, port: u16, backend: SocketAddr) -> String {
     format!("- name: {name}\n  address: 127.0.0.1:{port}\n  backends: [{{address: '{backend}'}}]\n")
 }
 
+/// A running proxy with one listener, "web", in front of an echo server; returns the proxy, the
+/// echo server and the listener's address.
+async fn proxy_with_one_listener(test: &str, extra: &[&str]) -> (Running, Echo, SocketAddr) {
+    let dir = temp_dir(test);
+    let echo = Echo::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(
+        &dir,
+        &format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n{}", listener("web", port, echo.address)),
+    );
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let proxy = Running::start(&dir, &config, extra, admin).await;
+    (proxy, echo, format!("127.0.0.1:{port}").parse().unwrap())
+}
+
 fn check(config: &Path) -> Output {
     Command::new(BIN).args(["check", "--config"]).arg(config).output().unwrap()
 }
@@ -142,16 +157,7 @@ fn run_with_a_missing_file_exits_64_naming_it() {
 
 #[tokio::test]
 async fn sigterm_stops_accepting_lets_open_connections_finish_and_exits_zero() {
-    let dir = temp_dir("sigterm");
-    let echo = Echo::start().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = write_config(
-        &dir,
-        &format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n{}", listener("web", port, echo.address)),
-    );
-    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let mut proxy = Running::start(&dir, &config, &[], admin).await;
-    let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (mut proxy, _echo, address) = proxy_with_one_listener("sigterm", &[]).await;
     let mut open = echo_through(address).await;
 
     proxy.signal("TERM");
@@ -165,16 +171,8 @@ async fn sigterm_stops_accepting_lets_open_connections_finish_and_exits_zero() {
 
 #[tokio::test]
 async fn sigterm_cuts_connections_still_open_after_the_drain_timeout() {
-    let dir = temp_dir("drain");
-    let echo = Echo::start().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = write_config(
-        &dir,
-        &format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n{}", listener("web", port, echo.address)),
-    );
-    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let mut proxy = Running::start(&dir, &config, &["--drain-timeout", "300ms"], admin).await;
-    let mut open = echo_through(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let (mut proxy, _echo, address) = proxy_with_one_listener("drain", &["--drain-timeout", "300ms"]).await;
+    let mut open = echo_through(address).await;
 
     proxy.signal("TERM");
     assert!(read_to_eof(&mut open).await.map(|b| b.is_empty()).unwrap_or(true), "cut after the drain timeout");
@@ -233,17 +231,9 @@ async fn changed_file_is_reloaded_and_an_invalid_one_changes_nothing_and_is_coun
 
 #[tokio::test]
 async fn access_log_has_one_line_per_closed_connection() {
-    let dir = temp_dir("access");
-    let echo = Echo::start().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = write_config(
-        &dir,
-        &format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n{}", listener("web", port, echo.address)),
-    );
-    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let proxy = Running::start(&dir, &config, &[], admin).await;
+    let (proxy, echo, address) = proxy_with_one_listener("access", &[]).await;
     for _ in 0..3 {
-        let stream = echo_through(format!("127.0.0.1:{port}").parse().unwrap()).await;
+        let stream = echo_through(address).await;
         drop(stream);
     }
     let lines =
