@@ -29,7 +29,8 @@ pub mod server;
 
 pub use connection::{
     CloseReason, ConnectionContext, ConnectionError, ConnectionManager, ConnectionMetrics, Lifecycle, ListenerSettings,
-    TcpConnection, TcpConnectionManager,
+    TcpConnection, TcpConnectionManager, UdpConnection, UdpConnectionInfo, UdpConnectionManager,
 };
 pub use pool::{ConnectionPool, DashMapConnectionPool, PoolEntry, PoolStats};
+pub use probe::{TcpProbedProtocol, UdpProbedProtocol};
 pub use server::Proxy;
