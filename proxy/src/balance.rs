@@ -39,10 +39,6 @@ impl Balancer {
         Self { kind, current: Mutex::new(vec![0; backends]), cursor: AtomicUsize::new(0) }
     }
 
-    pub fn kind(&self) -> LoadBalancing {
-        self.kind
-    }
-
     /// The index of the chosen backend among those `eligible`, or `None` if none is.
     pub fn pick<C: Candidate>(
         &self,

@@ -143,14 +143,6 @@ impl<K: PoolKey, V: Clone> DashMapConnectionPool<K, V> {
         }
     }
 
-    pub fn expiry(&self) -> Expiry {
-        let max_age = self.max_age_ms.load(Ordering::Relaxed);
-        Expiry {
-            idle: Duration::from_millis(self.idle_ms.load(Ordering::Relaxed)),
-            max_age: (max_age > 0).then(|| Duration::from_millis(max_age)),
-        }
-    }
-
     /// Changes the limits for a reload. Entries stay; a lower `max_size` only refuses new
     /// inserts until enough entries have gone.
     pub fn set_limits(&self, max_size: usize, expiry: Expiry) {
