@@ -100,9 +100,11 @@ impl Manager {
 }
 
 /// A bound socket waiting for its listener to start.
+/// A new listener, bound and with its manager built: everything that can fail is done, and
+/// starting it only spawns its loops.
 enum Bound {
-    Tcp(TcpListener),
-    Udp(UdpSocket),
+    Tcp(TcpListener, Arc<TcpConnectionManager>),
+    Udp(Vec<Arc<UdpSocket>>, Arc<UdpConnectionManager>),
 }
 
 struct RunningAdmin {
@@ -207,11 +209,7 @@ impl Proxy {
         let mut fresh = Vec::new();
         for (i, listener) in config.listeners.iter().enumerate() {
             if !state.listeners.iter().any(|r| r.is(listener)) {
-                let bound = match listener.protocol {
-                    Protocol::Tcp => Bound::Tcp(bind(listener.address)?),
-                    Protocol::Udp => Bound::Udp(bind_udp(listener.address)?),
-                };
-                fresh.push((i, bound));
+                fresh.push((i, self.prepare_listener(listener)?));
             }
         }
         let admin = match config.admin {
@@ -233,8 +231,7 @@ impl Proxy {
             let Some((_, bound)) = fresh.next_if(|(j, _)| *j == i) else {
                 unreachable!("every listener not running was bound above, in order")
             };
-            let settings = ListenerSettings::new(listener.clone(), None, &self.metrics);
-            next.push(self.start_listener(listener, settings, bound)?);
+            next.push(self.start_listener(listener, bound));
         }
         for removed in state.listeners.drain(..) {
             removed.stop_accepting.cancel();
@@ -278,29 +275,34 @@ impl Proxy {
         result
     }
 
-    fn start_listener(
-        &self,
-        listener: &ListenerConfig,
-        settings: ListenerSettings,
-        bound: Bound,
-    ) -> Result<RunningListener, ApplyError> {
+    /// Binds a new listener and builds its manager; nothing is started yet.
+    fn prepare_listener(&self, listener: &ListenerConfig) -> Result<Bound, ApplyError> {
+        let settings = ListenerSettings::new(listener.clone(), None, &self.metrics);
+        let failed = |source| ConnectionError::BindFailed { address: listener.address, source };
+        Ok(match listener.protocol {
+            Protocol::Tcp => {
+                let socket = bind(listener.address)?;
+                Bound::Tcp(socket, Arc::new(TcpConnectionManager::new(settings, self.cut.clone())))
+            }
+            Protocol::Udp => {
+                let manager = UdpConnectionManager::new(settings, bind_udp(listener.address)?).map_err(failed)?;
+                // One receive loop per worker thread, so a flood is read on every core.
+                let workers = tokio::runtime::Handle::current().metrics().num_workers();
+                Bound::Udp(manager.readers(workers).map_err(failed)?, Arc::new(manager))
+            }
+        })
+    }
+
+    /// Spawns a prepared listener's accept or receive loops.
+    fn start_listener(&self, listener: &ListenerConfig, bound: Bound) -> RunningListener {
         let stop_accepting = CancellationToken::new();
         let (local, manager) = match bound {
-            Bound::Tcp(socket) => {
+            Bound::Tcp(socket, manager) => {
                 let local = socket.local_addr().unwrap_or(listener.address);
-                let manager = Arc::new(TcpConnectionManager::new(settings, self.cut.clone()));
                 tokio::spawn(accept_loop(socket, manager.clone(), stop_accepting.clone(), self.connections.clone()));
                 (local, Manager::Tcp(manager))
             }
-            Bound::Udp(socket) => {
-                let manager = UdpConnectionManager::new(settings, socket)
-                    .map_err(|source| ConnectionError::BindFailed { address: listener.address, source })?;
-                let manager = Arc::new(manager);
-                // One receive loop per worker thread, so a flood is read on every core.
-                let workers = tokio::runtime::Handle::current().metrics().num_workers();
-                let readers = manager
-                    .readers(workers)
-                    .map_err(|source| ConnectionError::BindFailed { address: listener.address, source })?;
+            Bound::Udp(readers, manager) => {
                 for (i, reader) in readers.into_iter().enumerate() {
                     let serve = manager.clone().serve(reader, i == 0, stop_accepting.clone(), self.connections.clone());
                     tokio::spawn(serve);
@@ -309,13 +311,7 @@ impl Proxy {
             }
         };
         tracing::info!(listener = %listener.name, protocol = ?listener.protocol, address = %local, "listening");
-        Ok(RunningListener {
-            protocol: listener.protocol,
-            configured: listener.address,
-            local,
-            manager,
-            stop_accepting,
-        })
+        RunningListener { protocol: listener.protocol, configured: listener.address, local, manager, stop_accepting }
     }
 
     fn spawn_admin(self: &Arc<Self>, address: SocketAddr, socket: TcpListener) -> RunningAdmin {
