@@ -152,6 +152,8 @@ if command -v flock > /dev/null 2>&1; then
         echo "$bin"
         exit 0
     fi
+    # Holding the lock, any .tmp-* directory is left over from a killed build.
+    rm -rf "$cache_root"/.tmp-*
 fi
 
 if [[ -e "$dest" ]]; then
@@ -160,7 +162,20 @@ if [[ -e "$dest" ]]; then
 fi
 
 tmp=$(mktemp -d "$cache_root/.tmp-$key.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
+child=
+cleanup() {
+    # `timeout` runs go build in its own process group, so a signal to this
+    # script's group does not reach it: stop it before removing $tmp.
+    if [[ -n "$child" ]]; then
+        kill -TERM "$child" 2> /dev/null || true
+        wait "$child" 2> /dev/null || true
+    fi
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 mkdir "$tmp/bin"
 
 timeout_=${L4PROXY_TOOLS_BUILD_TIMEOUT:-40m}
@@ -170,7 +185,10 @@ gobuild() { # gobuild MODULE_DIR OUTPUT LDFLAGS PACKAGE
     local dir=$1 out=$2 ldflags=$3 pkg=$4 start
     start=$(date +%s)
     log "building $out ($pkg)"
-    (cd "$here/$dir" && timeout "$timeout_" "$GO" build -mod=readonly -trimpath -ldflags "$ldflags" -o "$tmp/bin/$out" "$pkg")
+    (cd "$here/$dir" && exec timeout "$timeout_" "$GO" build -mod=readonly -trimpath -ldflags "$ldflags" -o "$tmp/bin/$out" "$pkg") &
+    child=$!
+    wait "$child"
+    child=
     log "built $out in $(($(date +%s) - start))s"
 }
 
@@ -187,6 +205,6 @@ fi
 echo "$key" > "$tmp/key"
 chmod 755 "$tmp" # mktemp -d made it 0700
 mv -T "$tmp" "$dest"
-trap - EXIT
+trap - EXIT INT TERM HUP
 log "built all in $(($(date +%s) - all_start))s: $bin"
 echo "$bin"
