@@ -82,11 +82,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Check { config } => check(&config).await,
             Command::Run { config, drain_timeout, watch_interval } => {
-                let (config, path) = match load(config.as_deref()).await {
+                let (config, file) = match load(config.as_deref()).await {
                     Ok(loaded) => loaded,
                     Err(code) => return code,
                 };
-                report(run(config, path.as_deref(), drain_timeout.get(), watch_interval.get()).await)
+                report(run(config, file, drain_timeout.get(), watch_interval.get()).await)
             }
         }
     })
@@ -117,17 +117,25 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     guard
 }
 
+/// The config file being served and the text of the version in force.
+struct ConfigFile {
+    path: PathBuf,
+    text: String,
+}
+
 /// Loads the given file, or the embedded quickstart. A bad config is reported and mapped to 64.
-async fn load(path: Option<&Path>) -> Result<(Config, Option<PathBuf>), ExitCode> {
+async fn load(path: Option<&Path>) -> Result<(Config, Option<ConfigFile>), ExitCode> {
     let loaded = match path {
-        Some(path) => config::load(path).await,
+        Some(path) => config::load_with_text(path)
+            .await
+            .map(|(config, text)| (config, Some(ConfigFile { path: path.to_owned(), text }))),
         None => match config::parse_yaml(QUICKSTART) {
-            Ok(file) => Config::from_file_config(file).await,
+            Ok(file) => Config::from_file_config(file).await.map(|config| (config, None)),
             Err(e) => Err(e),
         },
     };
     match loaded {
-        Ok(config) => Ok((config, path.map(Path::to_owned))),
+        Ok(loaded) => Ok(loaded),
         Err(error) => {
             let source = path.map_or_else(|| "embedded quickstart".to_owned(), |p| p.display().to_string());
             eprintln!("l4proxy: invalid config {source}: {error}");
@@ -147,7 +155,12 @@ async fn check(path: &Path) -> ExitCode {
     }
 }
 
-async fn run(config: Config, path: Option<&Path>, drain: Duration, watch_interval: Duration) -> anyhow::Result<()> {
+async fn run(
+    config: Config,
+    file: Option<ConfigFile>,
+    drain: Duration,
+    watch_interval: Duration,
+) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -161,10 +174,10 @@ async fn run(config: Config, path: Option<&Path>, drain: Duration, watch_interva
     let proxy = Proxy::start(config, Arc::new(Metrics::new())).await.context("starting listeners")?;
     tracing::info!(listeners = proxy.config().listeners.len(), "l4proxy started");
 
-    let mut watched = match path {
-        Some(path) => tokio::fs::read(path).await.ok(),
-        None => None,
-    };
+    // The watcher compares the file with the text that was loaded, not with what it reads after
+    // start-up: a change made while the listeners were binding is still seen as a change.
+    let path = file.as_ref().map(|f| f.path.as_path());
+    let mut watched = file.as_ref().map(|f| f.text.as_bytes().to_vec());
     let mut watch = tokio::time::interval(watch_interval);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

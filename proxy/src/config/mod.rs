@@ -59,10 +59,17 @@ pub fn parse_yaml(text: &str) -> Result<ProxyConfig, ConfigError> {
 
 /// Reads, parses, checks and resolves a config file.
 pub async fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with_text(path).await.map(|(config, _)| config)
+}
+
+/// Like [`load`], also returning the text that was read, so that a file watcher compares later
+/// contents with exactly the version in force.
+pub async fn load_with_text(path: &Path) -> Result<(Config, String), ConfigError> {
     let text = tokio::fs::read_to_string(path)
         .await
         .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-    Config::from_file_config(parse_yaml(&text)?).await
+    let config = Config::from_file_config(parse_yaml(&text)?).await?;
+    Ok((config, text))
 }
 
 impl From<ProxyProtocolVersion> for crate::proxy_protocol::Version {
