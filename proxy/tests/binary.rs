@@ -198,7 +198,9 @@ async fn sighup_reload_adds_a_listener_without_dropping_open_connections() {
     wait_until_async("listener b accepts", || async { TcpStream::connect(b_address).await.is_ok() }).await;
     echo_through(b_address).await;
     assert_eq!(round_trip(&mut open, b"kept").await, b"kept");
-    assert_eq!(metric(&proxy.metrics().await, r#"l4proxy_config_reloads_total{result="success"}"#), 1.0);
+    // Counted just after the new listener starts accepting: wait for it rather than race it.
+    let success = r#"l4proxy_config_reloads_total{result="success"}"#;
+    wait_until_async("the reload is counted", || async { metric(&proxy.metrics().await, success) == 1.0 }).await;
 }
 
 #[tokio::test]

@@ -88,8 +88,9 @@ async fn idle_connection_is_closed_on_both_legs_after_idle_timeout() {
     assert!(read_to_eof(&mut client).await.map(|b| b.is_empty()).unwrap_or(true), "client leg closed");
     assert!(tokio::time::timeout(DEADLINE, backend_closed).await.unwrap().unwrap(), "backend leg closed");
     assert!(started.elapsed() >= Duration::from_millis(300), "not before the idle timeout");
-    let metrics = metrics_text(&proxy).await;
-    assert_eq!(metric(&metrics, r#"l4proxy_connections_closed_total{listener="web",reason="idle_timeout"}"#), 1.0);
+    // Counted once both legs are closed, a moment after the client sees its EOF.
+    let idle = r#"l4proxy_connections_closed_total{listener="web",reason="idle_timeout"}"#;
+    wait_until_async("the idle close is counted", || async { metric(&metrics_text(&proxy).await, idle) == 1.0 }).await;
 }
 
 #[tokio::test]

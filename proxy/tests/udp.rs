@@ -79,12 +79,13 @@ async fn many_udp_clients_each_get_their_own_replies() {
     for c in clients {
         c.await.unwrap();
     }
-    let stats = proxy.stats();
-    let dns = &stats.listeners[0];
-    assert_eq!(dns.pool_stats.size, 50);
-    assert_eq!(dns.accepted, 50);
-    let udp = dns.udp.as_ref().unwrap();
-    assert_eq!((udp.datagrams_received, udp.datagrams_sent), (150, 150));
+    // A reply is counted just after it is sent: wait for the last count rather than race it.
+    let counts = |proxy: &Proxy| {
+        let stats = proxy.stats();
+        let udp = stats.listeners[0].udp.as_ref().map(|u| (u.datagrams_received, u.datagrams_sent));
+        (stats.listeners[0].pool_stats.size, stats.listeners[0].accepted, udp)
+    };
+    wait_until("every datagram is counted", || counts(&proxy) == (50, 50, Some((150, 150)))).await;
 }
 
 #[tokio::test]
@@ -98,8 +99,13 @@ async fn idle_udp_session_expires_after_idle_timeout() {
     let second = exchange(&socket, address, b"two").await.unwrap();
     let port = |r: &[u8]| String::from_utf8_lossy(r).split_once(':').unwrap().0.to_owned();
     assert_ne!(port(&first), port(&second), "a new session has a new upstream socket");
-    let (_, metrics) = http_get(proxy.admin_address().unwrap(), "/metrics").await;
-    assert_eq!(metric(&metrics, r#"l4proxy_connections_closed_total{listener="dns",reason="idle_timeout"}"#), 1.0);
+    // The session's task counts its close as it ends, just after the pool expired it.
+    let idle = r#"l4proxy_connections_closed_total{listener="dns",reason="idle_timeout"}"#;
+    let admin = proxy.admin_address().unwrap();
+    wait_until_async("the idle close is counted", || async {
+        metric(&http_get(admin, "/metrics").await.1, idle) == 1.0
+    })
+    .await;
 }
 
 #[tokio::test]
