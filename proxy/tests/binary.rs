@@ -31,13 +31,20 @@ impl Running {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start l4proxy");
-        let running = Self { child, log, admin };
+        let mut running = Self { child, log, admin };
         // Ready only once every listener is bound: the admin server may answer 503 before that.
-        wait_until_async("the proxy is ready", || async {
-            TcpStream::connect(admin).await.is_ok() && http_get(admin, "/readyz").await.0 == 200
-        })
-        .await;
-        running
+        // A proxy that exits instead (e.g. a port already taken) fails the test with its log.
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = running.child.try_wait().unwrap() {
+                panic!("l4proxy exited during start-up ({status}):\n{}", running.log());
+            }
+            if TcpStream::connect(admin).await.is_ok() && http_get(admin, "/readyz").await.0 == 200 {
+                return running;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "l4proxy not ready in time:\n{}", running.log());
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     fn signal(&self, name: &str) {

@@ -87,13 +87,31 @@ impl Echo {
 
 /// An address on 127.0.0.1 where nothing listens: connects are refused.
 pub fn refused_address() -> SocketAddr {
-    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    socket.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
-/// A free port on 127.0.0.1 (for configs handed to the binary, which must name a port).
+/// A free port on 127.0.0.1 for a test to bind later (configs handed to the binary must name
+/// one). Ports come from below the kernel's ephemeral range, so no `bind(..:0)` elsewhere in
+/// the tests can take one in the meantime, and each is handed out once per test process; the
+/// process id spreads concurrent test processes apart.
 pub fn free_port() -> u16 {
-    refused_address().port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const SPAN: usize = 8_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<usize>().ok()))
+        .unwrap_or(32_768);
+    let base = ephemeral_low.saturating_sub(SPAN).max(1_024);
+    let offset = (std::process::id() as usize * 997) % SPAN;
+    for _ in 0..SPAN {
+        let port = (base + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 /// Sends `payload` and reads the same number of bytes back.
