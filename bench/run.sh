@@ -31,17 +31,9 @@ set -euo pipefail
 
 usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
 
-QUICK=0
-REV=""
-while (($#)); do
-  case "$1" in
-    --quick) QUICK=1 ;;
-    --rev) REV=${2:?--rev needs a git revision}; shift ;;
-    -h | --help) usage; exit 0 ;;
-    *) echo "run.sh: unknown argument: $1" >&2; usage >&2; exit 64 ;;
-  esac
-  shift
-done
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_args run.sh "$@"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/bench"
@@ -68,8 +60,6 @@ HA_IPERF=$((BASE + 20)); HA_NGINX=$((BASE + 21)); HA_ECHO=$((BASE + 22))
 ALL_PORTS=("$P_IPERF" "$P_NGINX" "$P_ECHO" "$L4_IPERF" "$L4_NGINX" "$L4_ECHO" "$L4_ADMIN" "$HA_IPERF" "$HA_NGINX" "$HA_ECHO")
 PATHS=(direct haproxy l4proxy)
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
 
 for tool in haproxy nginx iperf3 wrk python3 curl ss timeout; do
   command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y haproxy nginx iperf3 wrk curl iproute2)"
@@ -83,37 +73,7 @@ META="$RAW/meta.tsv"
 CLK_TCK=$(getconf CLK_TCK)
 
 # ---------------------------------------------------------------------------------------------
-# Process bookkeeping: everything started goes into PIDS and is stopped on exit.
-PIDS=()
-stop_pid() { # pid: SIGTERM, wait up to 5 s, then SIGKILL; forget it afterwards
-  local pid=$1 i p
-  local -a keep=()
-  for p in "${PIDS[@]}"; do
-    if [[ "$p" != "$pid" ]]; then keep+=("$p"); fi
-  done
-  PIDS=("${keep[@]}")
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "pid $pid ignored SIGTERM for 5 s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-  local rc=$? pid
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-  if ((rc != 0)); then log "failed (exit $rc); raw output kept in $RAW"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_traps
 
 port_listening() { [[ -n "$(ss -Htln "sport = :$1" 2>/dev/null)" ]]; }
 
@@ -134,17 +94,7 @@ cpu_ticks() { # pid -> utime+stime of the whole process, in clock ticks
   awk '{print $12 + $13}' <<<"$stat"
 }
 
-# smaps_rollup/status fields in kB: "<Anonymous> <Private_Dirty> <VmRSS> <open fds>"
-mem_sample() {
-  local pid=$1 anon pdirty rss fds
-  anon=$(awk '$1 == "Anonymous:" {print $2}' "/proc/$pid/smaps_rollup")
-  pdirty=$(awk '$1 == "Private_Dirty:" {print $2}' "/proc/$pid/smaps_rollup")
-  rss=$(awk '$1 == "VmRSS:" {print $2}' "/proc/$pid/status")
-  fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
-  echo "$anon $pdirty $rss $fds"
-}
 
-record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"; } # test path round metric value
 
 # CPU ticks (user+nice+system over all CPUs) minus those of our own processes: this script with
 # its reaped children (load generators), and every process in PIDS with its direct children
@@ -214,24 +164,7 @@ done
 
 # ---------------------------------------------------------------------------------------------
 # l4proxy binary.
-L4_REV="$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown) (working tree)"
-if [[ -n "${L4PROXY_BIN:-}" ]]; then
-  BIN=$L4PROXY_BIN
-  L4_REV="binary $BIN"
-elif [[ -n "$REV" ]]; then
-  L4_REV=$(git -C "$ROOT" rev-parse --short "$REV^{commit}") || die "unknown revision $REV"
-  log "building l4proxy at $L4_REV (git archive into $RAW/src, CARGO_TARGET_DIR=$ROOT/target/bench)"
-  mkdir -p "$RAW/src"
-  git -C "$ROOT" archive "$L4_REV" | tar -x -m -C "$RAW/src" # -m: fresh mtimes, so cargo rebuilds
-  (cd "$RAW/src" && CARGO_TARGET_DIR="$ROOT/target/bench" cargo build --release -p l4proxy) >"$RAW/cargo-build.log" 2>&1 ||
-    die "cargo build failed; see $RAW/cargo-build.log"
-  BIN="$ROOT/target/bench/release/l4proxy"
-else
-  log "building l4proxy (cargo build --release -p l4proxy)"
-  (cd "$ROOT" && cargo build --release -p l4proxy) >"$RAW/cargo-build.log" 2>&1 || die "cargo build failed; see $RAW/cargo-build.log"
-  BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/l4proxy"
-fi
-[[ -x "$BIN" ]] || die "l4proxy binary not found at $BIN"
+build_l4proxy bench
 
 # ---------------------------------------------------------------------------------------------
 # Configs.

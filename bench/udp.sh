@@ -27,17 +27,9 @@ set -euo pipefail
 
 usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
 
-QUICK=0
-REV=""
-while (($#)); do
-  case "$1" in
-    --quick) QUICK=1 ;;
-    --rev) REV=${2:?--rev needs a git revision}; shift ;;
-    -h | --help) usage; exit 0 ;;
-    *) echo "udp.sh: unknown argument: $1" >&2; usage >&2; exit 64 ;;
-  esac
-  shift
-done
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_args udp.sh "$@"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/bench"
@@ -65,8 +57,6 @@ P_SOCAT=$((BASE + 30))
 UDP_PORTS=("$P_ECHO" "$P_L4" "$P_L4S" "$P_NGX" "$P_NGXS" "$P_SOCAT")
 TCP_PORTS=("$P_L4_ADMIN" "$P_L4S_ADMIN")
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
 
 for tool in nginx socat python3 curl ss cargo setsid; do
   command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y nginx libnginx-mod-stream socat curl iproute2)"
@@ -86,39 +76,7 @@ META="$RAW/meta.tsv"
 CLK_TCK=$(getconf CLK_TCK)
 
 # ---------------------------------------------------------------------------------------------
-# Process bookkeeping: everything started goes into PIDS (each in its own process group, made
-# with setsid) and its whole group is stopped on exit.
-PIDS=()
-stop_pid() { # pid: SIGTERM to its process group, wait up to 5 s, then SIGKILL
-  local pid=$1 i p
-  local -a keep=()
-  for p in "${PIDS[@]}"; do
-    if [[ "$p" != "$pid" ]]; then keep+=("$p"); fi
-  done
-  PIDS=("${keep[@]}")
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "pid $pid ignored SIGTERM for 5 s; sending SIGKILL"
-    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-  kill -KILL -- "-$pid" 2>/dev/null || true # leftovers of the group (socat children)
-}
-cleanup() {
-  local rc=$? pid
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-  if ((rc != 0)); then log "failed (exit $rc); raw output kept in $RAW"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_traps
 
 udp_bound() { [[ -n "$(ss -Huln "sport = :$1" 2>/dev/null)" ]]; }
 tcp_listening() { [[ -n "$(ss -Htln "sport = :$1" 2>/dev/null)" ]]; }
@@ -151,20 +109,7 @@ ticks_of() {
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; } # user nice system irq softirq
 udp_snmp() { awk '/^Udp:/ {n++; if (n == 1) for (i = 2; i <= NF; i++) h[i] = $i; else for (i = 2; i <= NF; i++) if (h[i] == "RcvbufErrors" || h[i] == "SndbufErrors") printf "%s ", $i}' /proc/net/snmp; }
 
-# smaps_rollup/status fields in kB summed over pids: "<Anonymous> <Private_Dirty> <VmRSS> <fds>"
-mem_sample() {
-  local anon=0 pdirty=0 rss=0 fds=0 pid a p r
-  for pid in "$@"; do
-    a=$(awk '$1 == "Anonymous:" {print $2}' "/proc/$pid/smaps_rollup")
-    p=$(awk '$1 == "Private_Dirty:" {print $2}' "/proc/$pid/smaps_rollup")
-    r=$(awk '$1 == "VmRSS:" {print $2}' "/proc/$pid/status")
-    anon=$((anon + a)); pdirty=$((pdirty + p)); rss=$((rss + r))
-    fds=$((fds + $(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)))
-  done
-  echo "$anon $pdirty $rss $fds"
-}
 
-record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"; } # test path round metric value
 meta() { printf '%s\t%s\n' "$1" "$2" >>"$META"; }
 json() { python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, {"d": d}))' "$1" "$2"; }
 
@@ -193,24 +138,7 @@ cargo build --release --manifest-path "$BENCH/udp/Cargo.toml" >"$RAW/udpbench-bu
   die "bench/udp build failed; see $RAW/udpbench-build.log"
 UB="$BENCH/udp/target/release/udpbench"
 
-L4_REV="$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown) (working tree)"
-if [[ -n "${L4PROXY_BIN:-}" ]]; then
-  BIN=$L4PROXY_BIN
-  L4_REV="binary $BIN"
-elif [[ -n "$REV" ]]; then
-  L4_REV=$(git -C "$ROOT" rev-parse --short "$REV^{commit}") || die "unknown revision $REV"
-  log "building l4proxy at $L4_REV (git archive into $RAW/src, CARGO_TARGET_DIR=$ROOT/target/bench-udp)"
-  mkdir -p "$RAW/src"
-  git -C "$ROOT" archive "$L4_REV" | tar -x -m -C "$RAW/src"
-  (cd "$RAW/src" && CARGO_TARGET_DIR="$ROOT/target/bench-udp" cargo build --release -p l4proxy) >"$RAW/cargo-build.log" 2>&1 ||
-    die "cargo build failed; see $RAW/cargo-build.log"
-  BIN="$ROOT/target/bench-udp/release/l4proxy"
-else
-  log "building l4proxy (cargo build --release -p l4proxy)"
-  (cd "$ROOT" && cargo build --release -p l4proxy) >"$RAW/cargo-build.log" 2>&1 || die "cargo build failed; see $RAW/cargo-build.log"
-  BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/l4proxy"
-fi
-[[ -x "$BIN" ]] || die "no l4proxy binary at $BIN"
+build_l4proxy bench-udp
 
 # ---------------------------------------------------------------------------------------------
 # Starting the paths. Each start_* sets the pid variable named in its first argument.
