@@ -280,11 +280,13 @@ impl UdpConnectionManager {
                     continue;
                 }
             };
+            // One settings snapshot per batch, not per datagram.
+            let settings = self.settings.load();
             for (meta, slice) in metas.iter().zip(slices.iter()).take(count) {
                 let local = SocketAddr::new(meta.dst_ip.unwrap_or(self.local.ip()), self.local.port());
                 let stride = meta.stride.max(1);
                 for datagram in slice[..meta.len.min(slice.len())].chunks(stride) {
-                    self.on_datagram(meta.addr, local, datagram, &sessions);
+                    self.on_datagram(&settings, meta.addr, local, datagram, &sessions);
                 }
             }
         }
@@ -292,12 +294,12 @@ impl UdpConnectionManager {
 
     fn on_datagram(
         self: &Arc<Self>,
+        settings: &ListenerSettings,
         client: SocketAddr,
         local: SocketAddr,
         data: &[u8],
         sessions: &tokio_util::task::TaskTracker,
     ) {
-        let settings = self.settings.load();
         settings.metrics.datagrams_received.inc();
         settings.metrics.bytes_received.inc_by(data.len() as u64);
         let key = (client, local);
