@@ -70,7 +70,12 @@ impl JsonSchema for ConfigDuration {
         schemars::json_schema!({
             "type": "string",
             "pattern": "^([0-9]+(ms|s|m|h))+$",
-            "description": "A duration: a number with a unit (ms, s, m, h), e.g. \"500ms\", \"5s\", \"2m\", \"1h30m\"."
+            "maxLength": 32,
+            "description": "A duration: a number with a unit (ms, s, m, h), e.g. \"500ms\", \"5s\", \"2m\", \"1h30m\".",
+            "x-kubernetes-validations": [{
+                "rule": "duration(self) > duration('0s')",
+                "message": "must be greater than zero"
+            }]
         })
     }
 }

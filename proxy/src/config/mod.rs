@@ -10,7 +10,7 @@ use std::path::Path;
 pub use duration::ConfigDuration;
 pub use schema::{
     AcceptProxyProtocol, AdminConfig, Backend, Limits, Listener, LoadBalancing, Protocol, ProxyConfig,
-    ProxyProtocolVersion, Route, RouteMatch, RouteProtocol,
+    ProxyProtocolVersion, Route, RouteMatch, RouteProtocol, ServiceBackend,
 };
 pub use validate::{
     BackendConfig, BackendTarget, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EJECTION_COOLDOWN, DEFAULT_MAX_CONNECTIONS,

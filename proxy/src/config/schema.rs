@@ -7,6 +7,15 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::ConfigDuration;
+use super::validate::{MAX_BACKENDS, MAX_MAX_CONNECTIONS, MAX_ROUTES, MAX_WEIGHT};
+
+/// Most listeners in one config or resource (bounds the uniqueness checks, in the proxy and in
+/// the API server's CEL rules).
+pub const MAX_LISTENERS: usize = 64;
+/// Most entries in `serverNames`, `alpn` and `trustedSources` lists.
+pub const MAX_MATCH_ITEMS: usize = 64;
+/// Longest `ip:port` or `host:port` (a 253-character DNS name, ':' and a port).
+pub const MAX_ADDRESS_LEN: usize = 259;
 
 /// The proxy's config file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -16,8 +25,9 @@ pub struct ProxyConfig {
     /// Absent: no admin server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminConfig>,
-    /// The listeners to serve.
+    /// The listeners to serve: unique names, and unique addresses per protocol.
     #[serde(default)]
+    #[schemars(length(max = MAX_LISTENERS))]
     pub listeners: Vec<Listener>,
 }
 
@@ -32,18 +42,28 @@ pub struct AdminConfig {
 /// One listening socket and where its traffic goes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.backends.size() > 0 || (has(self.routes) && self.routes.size() > 0)",
+    "message": "a listener needs at least one backend (or routes that carry their own)"
+}]))]
 pub struct Listener {
-    /// Unique name of the listener; used in metrics, logs and status.
+    /// Unique name of the listener; used in metrics, logs and status. 1 to 63 lowercase letters,
+    /// digits or '-'.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     /// Transport protocol.
     #[serde(default)]
     pub protocol: Protocol,
-    /// Where the proxy listens: `ip:port`, e.g. `0.0.0.0:8080` or `[::]:8080`.
+    /// Where the proxy listens: `ip:port`, e.g. `0.0.0.0:8080` or `[::]:8080`. A gateway
+    /// (operator-managed Deployment) listens on all addresses at this port.
+    #[schemars(length(min = 1, max = 64))]
     pub address: String,
     /// How a backend is chosen for each new connection.
     #[serde(default)]
     pub load_balancing: LoadBalancing,
-    /// Where connections go. At least one.
+    /// Where connections go. At least one, unless `routes` are given: unmatched traffic is then
+    /// closed (and counted).
+    #[schemars(length(max = MAX_BACKENDS))]
     pub backends: Vec<Backend>,
     /// Bounds on this listener's connections.
     #[serde(default)]
@@ -51,6 +71,7 @@ pub struct Listener {
     /// Routes by probed protocol and TLS/QUIC server name; the most specific match wins and
     /// unmatched traffic uses `backends`. A listener without routes never probes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_ROUTES))]
     pub routes: Vec<Route>,
     /// Read a PROXY protocol (v1 or v2) header from each connection, and use the client address
     /// it carries. Only peers in `trustedSources` may send one; others are closed and counted.
@@ -63,6 +84,7 @@ pub struct Listener {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AcceptProxyProtocol {
     /// CIDRs, e.g. `10.0.0.0/8`, `127.0.0.1/32`, `::1/128`. At least one.
+    #[schemars(length(min = 1, max = MAX_MATCH_ITEMS))]
     pub trusted_sources: Vec<String>,
 }
 
@@ -70,9 +92,11 @@ pub struct AcceptProxyProtocol {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Route {
+    /// What the route matches.
     #[serde(rename = "match")]
     pub matches: RouteMatch,
     /// Where matching traffic goes. At least one.
+    #[schemars(length(min = 1, max = MAX_BACKENDS))]
     pub backends: Vec<Backend>,
 }
 
@@ -86,9 +110,11 @@ pub struct RouteMatch {
     /// TLS/QUIC server names (SNI) or HTTP Host: exact (`api.example.com`) or a suffix
     /// wildcard (`*.example.com`, which does not match `example.com` itself).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_MATCH_ITEMS))]
     pub server_names: Vec<String>,
     /// TLS/QUIC ALPN protocol ids; matches if the client offers any of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_MATCH_ITEMS))]
     pub alpn: Vec<String>,
 }
 
@@ -141,19 +167,55 @@ pub enum LoadBalancing {
     SourceHash,
 }
 
-/// A backend.
+/// A backend: exactly one of `address` or `service`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.address) != has(self.service)",
+    "message": "a backend sets exactly one of address or service"
+}]))]
 pub struct Backend {
     /// `ip:port` or `host:port`; a host name is resolved at start and re-resolved periodically.
-    pub address: String,
-    /// Relative share of new connections, 1 to 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_ADDRESS_LEN))]
+    pub address: Option<String>,
+    /// A Kubernetes Service whose ready endpoints are the backends, kept current by the
+    /// operator from EndpointSlices. Only in `L4Proxy` resources; a config file uses `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceBackend>,
+    /// Relative share of new connections, 1 to 256 (for a service: per endpoint).
     #[serde(default = "default_weight")]
+    #[schemars(range(min = 1, max = MAX_WEIGHT))]
     pub weight: u32,
     /// Send the client's addresses to this backend in a PROXY protocol header (`v1` or `v2`;
     /// UDP listeners: `v2` only, one header per datagram).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocolVersion>,
+}
+
+impl Backend {
+    /// A backend at `address` with weight 1.
+    pub fn at(address: impl Into<String>) -> Self {
+        Self { address: Some(address.into()), service: None, weight: default_weight(), proxy_protocol: None }
+    }
+}
+
+/// A Service port whose ready endpoints are backends.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceBackend {
+    /// The Service's name.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// The Service's port (`spec.ports[].port`); traffic goes to the endpoints' matching target
+    /// port.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// The Service's namespace. Default: the resource's own. Another namespace is refused
+    /// unless the operator runs with `--allow-cross-namespace-services`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub namespace: Option<String>,
 }
 
 /// PROXY protocol version sent to a backend.
@@ -177,6 +239,7 @@ pub struct Limits {
     /// at once, and datagrams from new UDP clients are dropped; both are counted. Default 10000;
     /// 1 to 1000000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_MAX_CONNECTIONS))]
     pub max_connections: Option<u32>,
     /// How long a connect to one backend may take before the next backend is tried. Default 5s.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use ipnet::IpNet;
 
+use super::schema::MAX_LISTENERS;
 use super::{
     ConfigDuration, ConfigError, LoadBalancing, Protocol, ProxyConfig, ProxyProtocolVersion, RouteProtocol, schema,
 };
@@ -190,6 +191,12 @@ pub fn check(file: &ProxyConfig) -> Result<Config, ConfigError> {
         Some(admin) => Some(parse_socket_addr("admin.address", &admin.address)?),
         None => None,
     };
+    if file.listeners.len() > MAX_LISTENERS {
+        return Err(ConfigError::invalid(
+            "listeners",
+            format!("{} listeners, at most {MAX_LISTENERS} are allowed", file.listeners.len()),
+        ));
+    }
     let mut names = HashSet::new();
     let mut addresses = HashSet::new();
     let mut listeners = Vec::with_capacity(file.listeners.len());
@@ -380,6 +387,22 @@ fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
 }
 
 fn check_backend(path: &str, backend: &schema::Backend, protocol: Protocol) -> Result<BackendConfig, ConfigError> {
+    let address = match (&backend.address, &backend.service) {
+        (Some(address), None) => address,
+        (None, Some(service)) => {
+            return Err(ConfigError::invalid(
+                format!("{path}.service"),
+                format!(
+                    "service {:?} can only be resolved by the operator (in an L4Proxy resource); a config file names backends by address",
+                    service.name
+                ),
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(path, "set either address or service, not both"));
+        }
+        (None, None) => return Err(ConfigError::invalid(path, "set address (ip:port or host:port)")),
+    };
     if protocol == Protocol::Udp && backend.proxy_protocol == Some(ProxyProtocolVersion::V1) {
         return Err(ConfigError::invalid(
             format!("{path}.proxyProtocol"),
@@ -392,13 +415,13 @@ fn check_backend(path: &str, backend: &schema::Backend, protocol: Protocol) -> R
             format!("weight {} is out of range 1..={MAX_WEIGHT}", backend.weight),
         ));
     }
-    let target = parse_backend_address(&format!("{path}.address"), &backend.address)?;
+    let target = parse_backend_address(&format!("{path}.address"), address)?;
     let resolved = match target {
         BackendTarget::Ip(addr) => vec![addr],
         BackendTarget::Dns { .. } => Vec::new(),
     };
     Ok(BackendConfig {
-        address: backend.address.clone(),
+        address: address.clone(),
         weight: backend.weight,
         resolved,
         proxy_protocol: backend.proxy_protocol,
@@ -549,6 +572,25 @@ mod tests {
     fn empty_backends_are_rejected() {
         let err = error_of("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: []\n");
         assert!(err.starts_with("listeners[0].backends:"), "{err}");
+    }
+
+    #[test]
+    fn service_backend_in_a_file_is_rejected_naming_the_operator() {
+        let err = error_of(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{service: {name: pg, port: 5432}}]\n",
+        );
+        assert!(err.starts_with("listeners[0].backends[0].service:"), "{err}");
+        assert!(err.contains("\"pg\"") && err.contains("operator"), "{err}");
+    }
+
+    #[test]
+    fn backend_needs_exactly_one_of_address_and_service() {
+        let both = error_of(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2, service: {name: pg, port: 1}}]\n",
+        );
+        assert!(both.starts_with("listeners[0].backends[0]:") && both.contains("not both"), "{both}");
+        let neither = error_of("listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{weight: 2}]\n");
+        assert!(neither.starts_with("listeners[0].backends[0]:") && neither.contains("set address"), "{neither}");
     }
 
     #[test]
