@@ -9,6 +9,7 @@ use std::path::Path;
 
 pub use duration::ConfigDuration;
 pub use schema::{
+    MAX_ADDRESS_LEN, MAX_LISTENERS, MAX_MATCH_ITEMS,
     AcceptProxyProtocol, AdminConfig, Backend, Limits, Listener, LoadBalancing, Protocol, ProxyConfig,
     ProxyProtocolVersion, Route, RouteMatch, RouteProtocol, ServiceBackend,
 };

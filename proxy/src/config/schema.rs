@@ -143,7 +143,7 @@ impl RouteProtocol {
 }
 
 /// Transport protocol of a listener.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum Protocol {
     #[default]
     #[serde(rename = "TCP")]

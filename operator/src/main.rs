@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", l4proxy_operator::crd::crd_yaml());
+}
