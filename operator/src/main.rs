@@ -1,3 +1,174 @@
-fn main() {
-    print!("{}", l4proxy_operator::crd::crd_yaml());
+//! `l4proxy-operator`: `crd` prints the CRD; `run` runs the operator.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use kube::{Client, Config, config::KubeConfigOptions};
+use l4proxy::config::ConfigDuration;
+use l4proxy_operator::{
+    OperatorConfig, controller::Options, crd::crd_yaml, lease::LeaseConfig,
+};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "l4proxy-operator", version, about = "Kubernetes operator for l4proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the L4Proxy CustomResourceDefinition as YAML.
+    Crd,
+    /// Run the operator.
+    Run(RunArgs),
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    /// Kubeconfig file. Default: $KUBECONFIG, ~/.kube/config, or the in-cluster service account.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Watch only this namespace. Default: all namespaces.
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http_address: SocketAddr,
+    /// Image of gateway pods (an L4Proxy's spec.gateway.image overrides it).
+    #[arg(long, env = "L4PROXY_IMAGE", default_value = concat!("ghcr.io/l4proxy/l4proxy:", env!("CARGO_PKG_VERSION")))]
+    proxy_image: String,
+    /// Allow Service backends in namespaces other than the L4Proxy's.
+    #[arg(long)]
+    allow_cross_namespace_services: bool,
+    /// Reconcile every resource at least this often, even without changes.
+    #[arg(long, default_value = "5m")]
+    resync: ConfigDuration,
+    /// This replica's identity in the Lease and in Events. Default: $POD_NAME, else host name and pid.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Namespace of the leader-election Lease. Default: $POD_NAMESPACE, else --namespace, else "default".
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "l4proxy-operator")]
+    lease_name: String,
+    /// How long a lease holder that stopped renewing keeps the lease from others.
+    #[arg(long, default_value = "15s")]
+    lease_duration: ConfigDuration,
+    /// How long the holder keeps writing after its last successful renewal (< lease duration).
+    #[arg(long, default_value = "10s")]
+    lease_renew_deadline: ConfigDuration,
+    /// How often the lease is renewed or tried.
+    #[arg(long, default_value = "2s")]
+    lease_retry_period: ConfigDuration,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => {
+            print!("{}", crd_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => {
+            init_logging(args.log_format);
+            if args.lease_renew_deadline >= args.lease_duration {
+                eprintln!(
+                    "error: --lease-renew-deadline ({}) must be shorter than --lease-duration ({})",
+                    args.lease_renew_deadline, args.lease_duration
+                );
+                return ExitCode::from(64);
+            }
+            let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+            match runtime.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "operator failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => Config::infer().await.context("no kubeconfig and not in a cluster")?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = client(args.kubeconfig.as_ref()).await?;
+    let identity = args.identity.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "unknown".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let lease_namespace = args.lease_namespace.or_else(|| args.namespace.clone()).unwrap_or_else(|| "default".into());
+    let config = OperatorConfig {
+        options: Options {
+            namespace: args.namespace,
+            proxy_image: args.proxy_image,
+            allow_cross_namespace_services: args.allow_cross_namespace_services,
+            resync: args.resync.get(),
+            identity: identity.clone(),
+        },
+        lease: LeaseConfig {
+            namespace: lease_namespace,
+            name: args.lease_name,
+            identity,
+            lease_duration: args.lease_duration.get(),
+            renew_deadline: args.lease_renew_deadline.get(),
+            retry_period: args.lease_retry_period.get(),
+        },
+        http_address: Some(args.http_address),
+    };
+    let running = l4proxy_operator::start(client, config)
+        .await
+        .with_context(|| format!("binding --http-address {}", args.http_address))?;
+    tracing::info!(http = ?running.http_address, "operator started");
+    shutdown_signal().await;
+    tracing::info!("stopping: finishing reconciles, then releasing the lease");
+    match tokio::time::timeout(Duration::from_secs(30), running.stop()).await {
+        Ok(()) => tracing::info!("stopped"),
+        Err(_) => tracing::warn!("stop took longer than 30s; exiting anyway"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

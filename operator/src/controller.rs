@@ -1,0 +1,433 @@
+//! The reconciler: one idempotent function from an `L4Proxy` (and the Services, EndpointSlices
+//! and gateway objects it refers to) to its effective config, its gateway objects and its status.
+//!
+//! It never branches on why it ran. Every replica computes effective configs (each serves
+//! proxies); only the lease holder writes. Nothing is written when nothing changed: status is
+//! compared before it is patched, and a server-side apply that changes nothing persists nothing
+//! (and is not counted as a write).
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{ConfigMap, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        predicates,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{
+    crd::{L4Proxy, L4ProxyStatus, ListenerStatus},
+    effective::{self, ConfigStore, Resolved, ServiceKey},
+    gateway,
+    lease::Leadership,
+    metrics::{Metrics, Write},
+    resolve::{self, SERVICE_NAME_LABEL, Unresolved},
+    status::{self, ACCEPTED, Decided, READY},
+};
+
+/// The one field manager for every server-side apply.
+pub const FIELD_MANAGER: &str = "l4proxy-operator";
+
+/// What the reconciler needs to know besides the cluster.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Watch only this namespace; `None`: all namespaces.
+    pub namespace: Option<String>,
+    /// Default image for gateway pods.
+    pub proxy_image: String,
+    /// Allow Service backends in other namespaces than the resource's.
+    pub allow_cross_namespace_services: bool,
+    /// Every resource is reconciled at least this often (re-resolving its Services), even
+    /// without events.
+    pub resync: Duration,
+    /// This replica's name, in Events.
+    pub identity: String,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub options: Options,
+    pub configs: Arc<ConfigStore>,
+    pub leadership: Leadership,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action}: {source}")]
+    Api {
+        action: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// A bounded label for `reconcile_failures_total{reason}`.
+    pub fn label(&self) -> &'static str {
+        let Self::Api { source, .. } = self;
+        match source {
+            kube::Error::Api(e) => match e.code {
+                403 => "forbidden",
+                404 => "not_found",
+                409 => "conflict",
+                422 => "invalid",
+                429 => "throttled",
+                500..=599 => "server_error",
+                _ => "api_error",
+            },
+            _ => "transport",
+        }
+    }
+}
+
+fn api_error(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Api { action, source }
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller until `shutdown` resolves; `ready` is told once the first list of
+/// `L4Proxy` resources is in.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    ready: impl FnOnce() + Send + 'static,
+) {
+    let client = ctx.client.clone();
+    let ns = ctx.options.namespace.as_deref();
+    let (reader, writer) = reflector::store::<L4Proxy>();
+    let configs = ctx.configs.clone();
+    let metrics = ctx.metrics.clone();
+    let known = reader.clone();
+    // Deletions leave the store of effective configs here; after a relist, entries whose
+    // resource is gone (a deletion the watch missed) are dropped.
+    let proxies = watcher(api::<L4Proxy>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect_ok(move |event| {
+            match event {
+                watcher::Event::Delete(p) => configs.remove(&p.namespace().unwrap_or_default(), &p.name_any()),
+                watcher::Event::InitDone => configs.retain(|(ns, name)| {
+                    known.get(&ObjectRef::new(name).within(ns)).is_some()
+                }),
+                _ => {}
+            }
+            metrics.set_configs(configs.len());
+        })
+        .touched_objects()
+        // Status writes (ours included) do not change the generation and trigger nothing.
+        .predicate_filter(predicates::generation, Default::default());
+
+    let readiness = reader.clone();
+    tokio::spawn(async move {
+        if readiness.wait_until_ready().await.is_ok() {
+            ready();
+        }
+    });
+
+    let managed = watcher::Config::default().labels(&format!("{}={}", gateway::MANAGED_BY.0, gateway::MANAGED_BY.1));
+    let by_slice = reader.clone();
+    let by_service = reader.clone();
+    Controller::for_stream(proxies, reader)
+        .owns(api::<Deployment>(&client, ns), managed.clone())
+        .owns(api::<Service>(&client, ns), managed.clone())
+        .owns(api::<ConfigMap>(&client, ns), managed)
+        .watches(
+            api::<EndpointSlice>(&client, ns),
+            watcher::Config::default().labels(SERVICE_NAME_LABEL),
+            move |slice| {
+                let service = slice.labels().get(SERVICE_NAME_LABEL).cloned().unwrap_or_default();
+                referring(&by_slice, &slice.namespace().unwrap_or_default(), &service)
+            },
+        )
+        .watches(api::<Service>(&client, ns), watcher::Config::default(), move |svc| {
+            referring(&by_service, &svc.namespace().unwrap_or_default(), &svc.name_any())
+        })
+        // A new leader writes everything it did not write while following.
+        .reconcile_all_on(ctx.leadership.acquisitions())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile did not complete");
+            }
+        })
+        .await;
+}
+
+/// The resources with a Service backend named `service` in `namespace`. A scan over the
+/// cache: cheap next to the API round trips a reconcile makes.
+fn referring(store: &Store<L4Proxy>, namespace: &str, service: &str) -> Vec<ObjectRef<L4Proxy>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| {
+            let own = p.namespace().unwrap_or_default();
+            effective::services(&p.spec.listeners, &own).iter().any(|k| k.namespace == namespace && k.name == service)
+        })
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+fn error_policy(proxy: Arc<L4Proxy>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failure(error.label());
+    tracing::warn!(
+        resource = %format!("{}/{}", proxy.namespace().unwrap_or_default(), proxy.name_any()),
+        error = %error,
+        "reconcile failed; retrying"
+    );
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(proxy: Arc<L4Proxy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile();
+    let ns = proxy.namespace().unwrap_or_default();
+    let name = proxy.name_any();
+    let generation = proxy.metadata.generation.unwrap_or(0);
+    let resolved = match effective::check_spec(&proxy.spec.listeners, &ns, ctx.options.allow_cross_namespace_services) {
+        Ok(()) => {
+            let resolutions = resolve_services(&ctx.client, &proxy.spec.listeners, &ns).await?;
+            let resolved = effective::build(&proxy.spec.listeners, &ns, generation, &resolutions);
+            if let Some(config) = &resolved.config
+                && ctx.configs.put((ns.clone(), name.clone()), config.clone())
+            {
+                tracing::info!(resource = %format!("{ns}/{name}"), version = %config.version, "effective config changed");
+            }
+            Ok(resolved)
+        }
+        Err(e) => Err(e),
+    };
+    ctx.metrics.set_configs(ctx.configs.len());
+    ctx.metrics.set_leader(ctx.leadership.is_leader());
+    if !ctx.leadership.is_leader() {
+        return Ok(Action::requeue(ctx.options.resync));
+    }
+
+    let effective = resolved.as_ref().ok().and_then(|r| r.config.as_ref()).map(|c| c.listeners.as_slice());
+    let gateway = match (&proxy.spec.gateway, &resolved) {
+        (Some(spec), Ok(_)) => Some(apply_gateway(&proxy, spec, effective, &ctx).await?),
+        _ => {
+            delete_gateway(&proxy, &ctx).await?;
+            None
+        }
+    };
+    let decided = decide(&resolved, gateway.as_ref());
+    write_status(&proxy, &decided, resolved.as_ref().ok(), &ctx).await?;
+    Ok(Action::requeue(ctx.options.resync))
+}
+
+/// Looks up every Service the spec names and its EndpointSlices.
+async fn resolve_services(
+    client: &Client,
+    listeners: &[l4proxy::config::Listener],
+    namespace: &str,
+) -> Result<BTreeMap<ServiceKey, Result<Vec<std::net::SocketAddr>, Unresolved>>, Error> {
+    let mut resolutions = BTreeMap::new();
+    for key in effective::services(listeners, namespace) {
+        let services: Api<Service> = Api::namespaced(client.clone(), &key.namespace);
+        let service = services.get_opt(&key.name).await.map_err(api_error("reading a backend Service"))?;
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &key.namespace);
+        let selector = format!("{SERVICE_NAME_LABEL}={}", key.name);
+        let slices = match &service {
+            Some(_) => {
+                slices.list(&ListParams::default().labels(&selector)).await.map_err(api_error("listing EndpointSlices"))?.items
+            }
+            None => Vec::new(),
+        };
+        let result = resolve::endpoints(&key.namespace, &key.name, key.port, key.protocol, service.as_ref(), &slices);
+        resolutions.insert(key, result);
+    }
+    Ok(resolutions)
+}
+
+/// What the gateway Deployment reports.
+#[derive(Debug)]
+struct GatewayState {
+    name: String,
+    wanted: i32,
+    available: i32,
+}
+
+/// Applies the gateway's ConfigMap (when there is an effective config), Deployment and Service.
+async fn apply_gateway(
+    proxy: &L4Proxy,
+    spec: &crate::crd::GatewaySpec,
+    effective: Option<&[l4proxy::config::Listener]>,
+    ctx: &Context,
+) -> Result<GatewayState, Error> {
+    let ns = proxy.namespace().unwrap_or_default();
+    if let Some(listeners) = effective {
+        apply(ctx, &ns, &gateway::config_map(proxy, listeners)).await?;
+    }
+    apply(ctx, &ns, &gateway::service(proxy, spec)).await?;
+    let deployment = apply(ctx, &ns, &gateway::deployment(proxy, spec, &ctx.options.proxy_image)).await?;
+    let status = deployment.status.unwrap_or_default();
+    Ok(GatewayState {
+        name: format!("{ns}/{}", gateway::name(proxy)),
+        wanted: spec.replicas.unwrap_or(1),
+        available: status.available_replicas.unwrap_or(0),
+    })
+}
+
+/// Server-side apply; counted as a write only when the server persisted a change.
+async fn apply<K>(ctx: &Context, namespace: &str, object: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = object.meta().name.clone().unwrap_or_default();
+    let before = api.get_opt(&name).await.map_err(api_error("reading a gateway object"))?;
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let after = api.patch(&name, &params, &Patch::Apply(object)).await.map_err(api_error("applying a gateway object"))?;
+    if before.and_then(|b| b.meta().resource_version.clone()) != after.meta().resource_version {
+        ctx.metrics.wrote(Write::Apply);
+    }
+    Ok(after)
+}
+
+/// Deletes the gateway objects, if there are any owned by `proxy`.
+async fn delete_gateway(proxy: &L4Proxy, ctx: &Context) -> Result<(), Error> {
+    let ns = proxy.namespace().unwrap_or_default();
+    let name = gateway::name(proxy);
+    delete_owned::<Deployment>(ctx, proxy, &ns, &name).await?;
+    delete_owned::<Service>(ctx, proxy, &ns, &name).await?;
+    delete_owned::<ConfigMap>(ctx, proxy, &ns, &name).await
+}
+
+async fn delete_owned<K>(ctx: &Context, proxy: &L4Proxy, namespace: &str, name: &str) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(object) = api.get_opt(name).await.map_err(api_error("reading a gateway object"))? else {
+        return Ok(());
+    };
+    if !gateway::owned_by(&object, proxy) {
+        return Ok(());
+    }
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => {
+            ctx.metrics.wrote(Write::Delete);
+            tracing::info!(object = %format!("{namespace}/{name}"), kind = %K::kind(&()), "deleted gateway object");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(api_error("deleting a gateway object")(e)),
+    }
+}
+
+/// The conditions, from what the reconcile found.
+fn decide(resolved: &Result<Resolved, effective::SpecError>, gateway: Option<&GatewayState>) -> Vec<Decided> {
+    let resolved = match resolved {
+        Err(e) => {
+            return vec![
+                Decided::new(ACCEPTED, false, e.reason, e.to_string()),
+                Decided::new(READY, false, "NotAccepted", "the spec is not accepted; see the Accepted condition"),
+            ];
+        }
+        Ok(resolved) => resolved,
+    };
+    let accepted = Decided::new(ACCEPTED, true, "Valid", "the spec is valid");
+    let ready = if !resolved.unresolved.is_empty() {
+        let names: Vec<_> = resolved.unresolved.iter().map(ToString::to_string).collect();
+        Decided::new(READY, false, "BackendsUnresolved", names.join("; "))
+    } else if resolved.config.is_none() {
+        Decided::new(READY, false, "InvalidEffectiveConfig", "the resolved backends do not make a valid config")
+    } else if let Some(g) = gateway.filter(|g| g.available < g.wanted.min(1)) {
+        Decided::new(
+            READY,
+            false,
+            "GatewayUnavailable",
+            format!("gateway Deployment {} has {} of {} replicas available", g.name, g.available, g.wanted),
+        )
+    } else {
+        let backends: u32 = resolved.backends_per_listener.iter().map(|(_, n)| n).sum();
+        Decided::new(READY, true, "Resolved", format!("{backends} backend addresses resolved"))
+    };
+    vec![accepted, ready]
+}
+
+/// Patches status when it differs from what the resource says, and publishes one Event per
+/// condition that changed status or reason.
+async fn write_status(
+    proxy: &L4Proxy,
+    decided: &[Decided],
+    resolved: Option<&Resolved>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let current = proxy.status.clone().unwrap_or_default();
+    let generation = proxy.metadata.generation.unwrap_or(0);
+    let conditions = status::merge(&current.conditions, decided, generation, status::now());
+    let ns = proxy.namespace().unwrap_or_default();
+    let config_version = ctx.configs.get(&ns, &proxy.name_any()).map(|c| c.version.to_string());
+    let listeners = resolved
+        .map(|r| r.backends_per_listener.iter().map(|(name, backends)| ListenerStatus { name: name.clone(), backends: *backends }).collect())
+        .unwrap_or_default();
+    let desired = L4ProxyStatus {
+        observed_generation: Some(generation),
+        conditions,
+        config_version,
+        proxies: current.proxies.clone(),
+        listeners,
+    };
+    if desired == current {
+        return Ok(());
+    }
+    let api: Api<L4Proxy> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = serde_json::json!({
+        "apiVersion": "l4proxy.dev/v1alpha1",
+        "kind": "L4Proxy",
+        "status": desired,
+    });
+    api.patch_status(&proxy.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(api_error("writing status"))?;
+    ctx.metrics.wrote(Write::Status);
+    for condition in status::transitions(&current.conditions, &desired.conditions) {
+        let event = Event {
+            type_: if condition.status == "True" { EventType::Normal } else { EventType::Warning },
+            reason: condition.reason.clone(),
+            note: Some(format!("{} is {}: {}", condition.type_, condition.status, condition.message)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        match ctx.recorder.publish(&event, &proxy.object_ref(&())).await {
+            Ok(()) => ctx.metrics.wrote(Write::Event),
+            // An Event is a courtesy: failing to publish one must not fail the reconcile.
+            Err(e) => tracing::warn!(error = %e, "publishing an Event failed"),
+        }
+    }
+    Ok(())
+}
+
+/// The Event recorder for this replica.
+pub fn recorder(client: Client, identity: &str) -> Recorder {
+    Recorder::new(client, Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity.to_owned()) })
+}

@@ -1,0 +1,159 @@
+//! The operator's metrics: one registered struct, bounded labels (reasons and kinds, never
+//! resource names), reconcile durations recorded by a timer on drop.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::time::Instant;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+/// What the operator wrote.
+#[derive(Clone, Copy, Debug)]
+pub enum Write {
+    Status,
+    Apply,
+    Delete,
+    Event,
+}
+
+impl Write {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::Apply => "apply",
+            Self::Delete => "delete",
+            Self::Event => "event",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Counter,
+    failures: Family<ReasonLabels, Counter>,
+    duration: Histogram,
+    writes: Family<KindLabels, Counter>,
+    leader: Gauge,
+    configs: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("l4proxy_operator");
+        let metrics = Self {
+            reconciles: Counter::default(),
+            failures: Family::default(),
+            // 1 ms .. ~16 s
+            duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            writes: Family::default(),
+            leader: Gauge::default(),
+            configs: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("reconciles", "Reconciles run", metrics.reconciles.clone());
+        registry.register("reconcile_failures", "Reconciles that failed, by reason", metrics.failures.clone());
+        registry.register("reconcile_duration_seconds", "Time per reconcile", metrics.duration.clone());
+        registry.register(
+            "writes",
+            "Writes to the API server, by kind (status, apply, delete, event)",
+            metrics.writes.clone(),
+        );
+        registry.register("leader", "1 while this replica holds the lease (the only one that writes)", metrics.leader.clone());
+        registry.register("effective_configs", "Resources with an effective config held for proxies", metrics.configs.clone());
+        Self { registry, ..metrics }
+    }
+
+    /// Counts a reconcile; its duration is recorded when the timer drops.
+    pub fn reconcile(&self) -> ReconcileTimer<'_> {
+        self.reconciles.inc();
+        ReconcileTimer { metrics: self, start: Instant::now() }
+    }
+
+    pub fn failure(&self, reason: &'static str) {
+        self.failures.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn wrote(&self, kind: Write) {
+        self.writes.get_or_create(&KindLabels { kind: kind.label() }).inc();
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
+    pub fn set_configs(&self, count: usize) {
+        self.configs.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Reconciles run so far.
+    pub fn reconciles(&self) -> u64 {
+        self.reconciles.get()
+    }
+
+    /// Writes of every kind so far.
+    pub fn writes(&self) -> u64 {
+        [Write::Status, Write::Apply, Write::Delete, Write::Event]
+            .into_iter()
+            .map(|k| self.writes.get_or_create(&KindLabels { kind: k.label() }).get())
+            .sum()
+    }
+
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+pub struct ReconcileTimer<'a> {
+    metrics: &'a Metrics,
+    start: Instant,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics.duration.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_encode_with_the_operator_prefix() {
+        let m = Metrics::new();
+        drop(m.reconcile());
+        m.failure("conflict");
+        m.wrote(Write::Status);
+        let text = m.encode();
+        assert!(text.contains("l4proxy_operator_reconciles_total 1"), "{text}");
+        assert!(text.contains("l4proxy_operator_reconcile_failures_total{reason=\"conflict\"} 1"), "{text}");
+        assert!(text.contains("l4proxy_operator_writes_total{kind=\"status\"} 1"), "{text}");
+        assert!(text.contains("l4proxy_operator_reconcile_duration_seconds_count 1"), "{text}");
+        assert_eq!(m.writes(), 1);
+    }
+}

@@ -1,0 +1,128 @@
+//! One running operator: the lease elector, the controller and the HTTP endpoints, started
+//! together and stopped in an order that keeps the lease honest (the controller finishes its
+//! in-flight reconciles before the lease is released, so nothing writes after the release).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use kube::Client;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    controller::{self, Context, Options},
+    effective::ConfigStore,
+    http,
+    lease::{Elector, LeaseConfig, Leadership},
+    metrics::Metrics,
+};
+
+pub struct OperatorConfig {
+    pub options: Options,
+    pub lease: LeaseConfig,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere.
+    pub http_address: Option<SocketAddr>,
+}
+
+/// A started operator. [`Running::stop`] shuts it down gracefully.
+pub struct Running {
+    pub metrics: Arc<Metrics>,
+    pub configs: Arc<ConfigStore>,
+    pub leadership: Leadership,
+    /// The bound HTTP address (useful with port 0).
+    pub http_address: Option<SocketAddr>,
+    ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Whether the `L4Proxy` cache is filled.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Resolves when a stop was requested (by [`Running::stop`] or a caller's token).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Stops accepting work, lets in-flight reconciles finish, releases the lease, stops HTTP.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.wait().await;
+    }
+
+    /// Waits until every task ended (after the stop token was cancelled).
+    pub async fn wait(self) {
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "operator task panicked");
+            }
+        }
+    }
+}
+
+/// Binds the HTTP address (the only step that can fail) and starts everything.
+pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Running> {
+    let http_socket = match config.http_address {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let http_address = http_socket.as_ref().map(TcpListener::local_addr).transpose()?;
+    let metrics = Arc::new(Metrics::new());
+    let configs = Arc::new(ConfigStore::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
+    let controller_done = CancellationToken::new();
+    let http_stop = CancellationToken::new();
+
+    let (elector, leadership) = Elector::new(client.clone(), config.lease);
+    let mut leader_changes = leadership.clone();
+    let leader_metrics = metrics.clone();
+    let lease_until = controller_done.clone();
+    let elector_task = tokio::spawn(async move {
+        let mirror = async move {
+            loop {
+                // `acquisitions` only yields on gaining; poll the flag for the gauge too.
+                leader_metrics.set_leader(leader_changes.is_leader());
+                if leader_changes.wait_changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            () = elector.run(lease_until.cancelled_owned()) => {}
+            () = mirror => {}
+        }
+    });
+
+    let ctx = Arc::new(Context {
+        recorder: controller::recorder(client.clone(), &config.options.identity),
+        client,
+        options: config.options,
+        configs: configs.clone(),
+        leadership: leadership.clone(),
+        metrics: metrics.clone(),
+    });
+    let controller_ready = ready.clone();
+    let controller_stop = stop.clone();
+    let http_stop_after = http_stop.clone();
+    let controller_task = tokio::spawn(async move {
+        controller::run(ctx, controller_stop.cancelled_owned(), move || controller_ready.store(true, Ordering::Release))
+            .await;
+        tracing::info!("controller stopped");
+        controller_done.cancel();
+        http_stop_after.cancel();
+    });
+    let mut tasks = vec![controller_task, elector_task];
+    if let Some(socket) = http_socket {
+        tasks.push(tokio::spawn(http::serve(socket, metrics.clone(), ready.clone(), http_stop)));
+    }
+    Ok(Running { metrics, configs, leadership, http_address, ready, stop, tasks })
+}
