@@ -236,6 +236,7 @@ async fn reconcile(proxy: Arc<L4Proxy>, ctx: Arc<Context>) -> Result<Action, Err
     };
     let decided = decide(&resolved, gateway.as_ref());
     write_status(&proxy, &decided, resolved.as_ref().ok(), &ctx).await?;
+    ctx.metrics.leader_reconcile();
     Ok(Action::requeue(ctx.options.resync))
 }
 

@@ -47,6 +47,7 @@ impl Write {
 pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
+    leader_reconciles: Counter,
     failures: Family<ReasonLabels, Counter>,
     duration: Histogram,
     writes: Family<KindLabels, Counter>,
@@ -65,6 +66,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("l4proxy_operator");
         let metrics = Self {
             reconciles: Counter::default(),
+            leader_reconciles: Counter::default(),
             failures: Family::default(),
             // 1 ms .. ~16 s
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
@@ -74,6 +76,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("reconciles", "Reconciles run", metrics.reconciles.clone());
+        registry.register(
+            "leader_reconciles",
+            "Reconciles completed while holding the lease (the ones that may write)",
+            metrics.leader_reconciles.clone(),
+        );
         registry.register("reconcile_failures", "Reconciles that failed, by reason", metrics.failures.clone());
         registry.register("reconcile_duration_seconds", "Time per reconcile", metrics.duration.clone());
         registry.register(
@@ -90,6 +97,16 @@ impl Metrics {
     pub fn reconcile(&self) -> ReconcileTimer<'_> {
         self.reconciles.inc();
         ReconcileTimer { metrics: self, start: Instant::now() }
+    }
+
+    /// Counts a reconcile that completed while holding the lease.
+    pub fn leader_reconcile(&self) {
+        self.leader_reconciles.inc();
+    }
+
+    /// Reconciles run while holding the lease.
+    pub fn leader_reconciles(&self) -> u64 {
+        self.leader_reconciles.get()
     }
 
     pub fn failure(&self, reason: &'static str) {

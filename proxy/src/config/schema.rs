@@ -14,6 +14,10 @@ use super::validate::{MAX_BACKENDS, MAX_MAX_CONNECTIONS, MAX_ROUTES, MAX_WEIGHT}
 pub const MAX_LISTENERS: usize = 64;
 /// Most entries in `serverNames`, `alpn` and `trustedSources` lists.
 pub const MAX_MATCH_ITEMS: usize = 64;
+/// Most backend entries one route may list in a resource (the API server's CEL cost budget
+/// multiplies per-backend rules by listeners × routes × backends; a Service entry may still
+/// expand to more addresses, up to the proxy's own bound).
+pub const MAX_ROUTE_BACKENDS: usize = 256;
 /// Longest `ip:port` or `host:port` (a 253-character DNS name, ':' and a port).
 pub const MAX_ADDRESS_LEN: usize = 259;
 
@@ -96,7 +100,7 @@ pub struct Route {
     #[serde(rename = "match")]
     pub matches: RouteMatch,
     /// Where matching traffic goes. At least one.
-    #[schemars(length(min = 1, max = MAX_BACKENDS))]
+    #[schemars(length(min = 1, max = MAX_ROUTE_BACKENDS))]
     pub backends: Vec<Backend>,
 }
 

@@ -27,7 +27,7 @@ pub const DEFAULT_UDP_IDLE_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(6
 /// Default for `limits.probeTimeout`.
 pub const DEFAULT_PROBE_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(3);
 /// Most routes per listener (each new connection is matched against all of them).
-pub const MAX_ROUTES: usize = 256;
+pub const MAX_ROUTES: usize = 64;
 /// Default for `limits.ejectionCooldown`.
 pub const DEFAULT_EJECTION_COOLDOWN: ConfigDuration = ConfigDuration::from_secs(5);
 /// Largest backend weight.

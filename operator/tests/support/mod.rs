@@ -1,0 +1,109 @@
+//! Shared helpers for the operator's control-plane tests: CRD install, operators in-process
+//! with short lease timings, and readers for status and conditions.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api, Client, CustomResourceExt,
+    api::{Patch, PatchParams, PostParams},
+};
+use l4proxy_operator::{
+    L4Proxy, OperatorConfig, Running,
+    controller::Options,
+    lease::LeaseConfig,
+};
+use l4proxy_testenv::{ControlPlane, TestNamespace, wait_for};
+
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The shared control plane, a client on this test's runtime, the CRD installed and
+/// Established, and a fresh namespace.
+pub async fn setup(prefix: &str) -> (Client, TestNamespace) {
+    let control_plane = ControlPlane::shared();
+    let client = control_plane.client().await;
+    install_crd(&client).await;
+    let namespace = control_plane.namespace(&client, prefix).await;
+    (client, namespace)
+}
+
+/// Applies the CRD (idempotent) and waits until it is Established.
+pub async fn install_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = L4Proxy::crd();
+    let name = crd.metadata.name.clone().unwrap();
+    crds.patch(&name, &PatchParams::apply("l4proxy-tests").force(), &Patch::Apply(&crd)).await.expect("CRD applies");
+    wait_for("the CRD to be Established", TIMEOUT, || async {
+        let crd = crds.get(&name).await.ok()?;
+        let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+        established.then_some(())
+    })
+    .await;
+}
+
+/// Lease timings short enough for tests, long enough for a loaded 2-CPU machine.
+pub fn lease(namespace: &str, identity: &str) -> LeaseConfig {
+    LeaseConfig {
+        namespace: namespace.to_owned(),
+        name: "l4proxy-operator".into(),
+        identity: identity.to_owned(),
+        lease_duration: Duration::from_secs(6),
+        renew_deadline: Duration::from_secs(4),
+        retry_period: Duration::from_millis(200),
+    }
+}
+
+/// An operator watching only `namespace`.
+pub async fn start_operator(client: &Client, namespace: &str, identity: &str) -> Running {
+    let config = OperatorConfig {
+        options: Options {
+            namespace: Some(namespace.to_owned()),
+            proxy_image: "example.invalid/l4proxy:test".into(),
+            allow_cross_namespace_services: false,
+            resync: Duration::from_secs(300),
+            identity: identity.to_owned(),
+        },
+        lease: lease(namespace, identity),
+        http_address: None,
+    };
+    l4proxy_operator::start(client.clone(), config).await.expect("operator starts")
+}
+
+/// Starts an operator and waits until it holds the lease.
+pub async fn start_leader(client: &Client, namespace: &str, identity: &str) -> Running {
+    let running = start_operator(client, namespace, identity).await;
+    wait_for("the operator to become leader", TIMEOUT, || async { running.leadership.is_leader().then_some(()) })
+        .await;
+    running
+}
+
+pub fn resource(yaml: &str) -> L4Proxy {
+    serde_yaml_ng::from_str(yaml).expect("test resource parses")
+}
+
+pub async fn create(api: &Api<L4Proxy>, yaml: &str) -> L4Proxy {
+    api.create(&PostParams::default(), &resource(yaml)).await.expect("resource is created")
+}
+
+/// A condition's (status, reason, message, observedGeneration), if present.
+pub fn condition(proxy: &L4Proxy, type_: &str) -> Option<(String, String, String, Option<i64>)> {
+    let status = proxy.status.as_ref()?;
+    let c = status.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone(), c.observed_generation))
+}
+
+/// Waits until `name`'s status satisfies `check` and returns the resource.
+pub async fn wait_status(api: &Api<L4Proxy>, name: &str, what: &str, check: impl Fn(&L4Proxy) -> bool) -> L4Proxy {
+    wait_for(what, TIMEOUT, || async {
+        let proxy = api.get(name).await.ok()?;
+        check(&proxy).then_some(proxy)
+    })
+    .await
+}
+
+/// Whether `type_` is `status` for the resource's current generation.
+pub fn has_condition(proxy: &L4Proxy, type_: &str, status: &str) -> bool {
+    condition(proxy, type_)
+        .is_some_and(|(s, _, _, generation)| s == status && generation == proxy.metadata.generation)
+}
