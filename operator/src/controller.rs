@@ -109,12 +109,12 @@ where
     }
 }
 
-/// Runs the controller until `shutdown` resolves; `ready` is told once the first list of
-/// `L4Proxy` resources is in.
+/// Runs the controller until `shutdown` resolves; `ready` is called each time a full list of
+/// `L4Proxy` resources is in (the first one makes the operator ready).
 pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-    ready: impl FnOnce() + Send + 'static,
+    ready: impl Fn() + Send + 'static,
 ) {
     let client = ctx.client.clone();
     let ns = ctx.options.namespace.as_deref();
@@ -130,9 +130,12 @@ pub async fn run(
         .inspect_ok(move |event| {
             match event {
                 watcher::Event::Delete(p) => configs.remove(&p.namespace().unwrap_or_default(), &p.name_any()),
-                watcher::Event::InitDone => configs.retain(|(ns, name)| {
-                    known.get(&ObjectRef::new(name).within(ns)).is_some()
-                }),
+                watcher::Event::InitDone => {
+                    configs.retain(|(ns, name)| known.get(&ObjectRef::new(name).within(ns)).is_some());
+                    // Not `Store::wait_until_ready`: its oneshot wakes only one of several
+                    // waiters, and the controller itself is already waiting on it.
+                    ready();
+                }
                 _ => {}
             }
             metrics.set_configs(configs.len());
@@ -140,13 +143,6 @@ pub async fn run(
         .touched_objects()
         // Status writes (ours included) do not change the generation and trigger nothing.
         .predicate_filter(predicates::generation, Default::default());
-
-    let readiness = reader.clone();
-    tokio::spawn(async move {
-        if readiness.wait_until_ready().await.is_ok() {
-            ready();
-        }
-    });
 
     let managed = watcher::Config::default().labels(&format!("{}={}", gateway::MANAGED_BY.0, gateway::MANAGED_BY.1));
     let by_slice = reader.clone();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
-    Api, Client, CustomResourceExt,
+    Api, Client,
     api::{Patch, PatchParams, PostParams},
 };
 use l4proxy_operator::{
@@ -31,7 +31,7 @@ pub async fn setup(prefix: &str) -> (Client, TestNamespace) {
 /// Applies the CRD (idempotent) and waits until it is Established.
 pub async fn install_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = L4Proxy::crd();
+    let crd = l4proxy_operator::crd::crd();
     let name = crd.metadata.name.clone().unwrap();
     crds.patch(&name, &PatchParams::apply("l4proxy-tests").force(), &Patch::Apply(&crd)).await.expect("CRD applies");
     wait_for("the CRD to be Established", TIMEOUT, || async {
@@ -73,8 +73,10 @@ pub async fn start_operator(client: &Client, namespace: &str, identity: &str) ->
 /// Starts an operator and waits until it holds the lease.
 pub async fn start_leader(client: &Client, namespace: &str, identity: &str) -> Running {
     let running = start_operator(client, namespace, identity).await;
-    wait_for("the operator to become leader", TIMEOUT, || async { running.leadership.is_leader().then_some(()) })
-        .await;
+    wait_for("the operator to become leader and ready", TIMEOUT, || async {
+        (running.leadership.is_leader() && running.is_ready()).then_some(())
+    })
+    .await;
     running
 }
 
