@@ -351,3 +351,45 @@ async fn with_two_operators_only_the_lease_holder_writes() {
     assert!(follower.metrics.writes() > 0);
     follower.stop().await;
 }
+
+/// Runs kubectl (blocking, off the runtime that drives the operator).
+async fn kubectl(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = l4proxy_testenv::ControlPlane::shared().kubectl().args(&args).output().unwrap();
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn kubectl_get_shows_ready_proxies_and_listeners_and_explain_describes_fields() {
+    let (client, ns) = setup("kubectl").await;
+    let operator = start_leader(&client, ns.name(), "op-1").await;
+    let api: Api<L4Proxy> = Api::namespaced(client.clone(), ns.name());
+    create(&api, SIMPLE).await;
+    wait_status(&api, "web", "Ready=True", |p| has_condition(p, "Ready", "True")).await;
+    let table = kubectl(&["get", "l4p", "-n", ns.name()]).await;
+    let mut lines = table.lines();
+    let header: Vec<_> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "READY", "PROXIES", "LISTENERS", "AGE"], "{table}");
+    let row: Vec<_> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(&row[..4], ["web", "True", "0", "web"], "{table}");
+
+    // The API server publishes the CRD's OpenAPI shortly after it is Established.
+    let explained = wait_for("kubectl explain to know the CRD", TIMEOUT, || async {
+        let args = ["explain", "l4proxy.spec.listeners.limits"].map(String::from);
+        let out = tokio::task::spawn_blocking(move || {
+            l4proxy_testenv::ControlPlane::shared().kubectl().args(&args).output().unwrap()
+        })
+        .await
+        .unwrap();
+        out.status.success().then(|| String::from_utf8(out.stdout).unwrap())
+    })
+    .await;
+    assert!(explained.contains("maxConnections"), "{explained}");
+    assert!(explained.contains("Concurrent connections (TCP) or sessions (UDP)"), "{explained}");
+    operator.stop().await;
+}
