@@ -250,7 +250,11 @@ async fn resolve_services(
         let selector = format!("{SERVICE_NAME_LABEL}={}", key.name);
         let slices = match &service {
             Some(_) => {
-                slices.list(&ListParams::default().labels(&selector)).await.map_err(api_error("listing EndpointSlices"))?.items
+                slices
+                    .list(&ListParams::default().labels(&selector))
+                    .await
+                    .map_err(api_error("listing EndpointSlices"))?
+                    .items
             }
             None => Vec::new(),
         };
@@ -302,7 +306,8 @@ where
     let name = object.meta().name.clone().unwrap_or_default();
     let before = api.get_opt(&name).await.map_err(api_error("reading a gateway object"))?;
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let after = api.patch(&name, &params, &Patch::Apply(object)).await.map_err(api_error("applying a gateway object"))?;
+    let after =
+        api.patch(&name, &params, &Patch::Apply(object)).await.map_err(api_error("applying a gateway object"))?;
     if before.and_then(|b| b.meta().resource_version.clone()) != after.meta().resource_version {
         ctx.metrics.wrote(Write::Apply);
     }
@@ -320,7 +325,10 @@ async fn delete_gateway(proxy: &L4Proxy, ctx: &Context) -> Result<(), Error> {
 
 async fn delete_owned<K>(ctx: &Context, proxy: &L4Proxy, namespace: &str, name: &str) -> Result<(), Error>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(object) = api.get_opt(name).await.map_err(api_error("reading a gateway object"))? else {
@@ -385,7 +393,12 @@ async fn write_status(
     let ns = proxy.namespace().unwrap_or_default();
     let config_version = ctx.configs.get(&ns, &proxy.name_any()).map(|c| c.version.to_string());
     let listeners = resolved
-        .map(|r| r.backends_per_listener.iter().map(|(name, backends)| ListenerStatus { name: name.clone(), backends: *backends }).collect())
+        .map(|r| {
+            r.backends_per_listener
+                .iter()
+                .map(|(name, backends)| ListenerStatus { name: name.clone(), backends: *backends })
+                .collect()
+        })
         .unwrap_or_default();
     let desired = L4ProxyStatus {
         observed_generation: Some(generation),

@@ -185,8 +185,7 @@ mod tests {
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
         assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
-        let columns: Vec<_> =
-            version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
+        let columns: Vec<_> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
         for want in ["Ready", "Proxies", "Listeners", "Age"] {
             assert!(columns.contains(&want), "{columns:?}");
         }

@@ -55,7 +55,9 @@ pub struct SpecError {
 pub fn services(listeners: &[Listener], namespace: &str) -> Vec<ServiceKey> {
     let mut keys: Vec<_> = listeners
         .iter()
-        .flat_map(|l| all_backends(l).filter_map(move |b| b.service.as_ref().map(|s| ServiceKey::new(s, namespace, l.protocol))))
+        .flat_map(|l| {
+            all_backends(l).filter_map(move |b| b.service.as_ref().map(|s| ServiceKey::new(s, namespace, l.protocol)))
+        })
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -191,13 +193,13 @@ pub fn build(
             _ => Vec::new(),
         }
     };
-    let effective: Vec<Listener> = listeners
-        .iter()
-        .flat_map(|l| substitute(std::slice::from_ref(l), |s| lookup(s, l.protocol)))
-        .collect();
+    let effective: Vec<Listener> =
+        listeners.iter().flat_map(|l| substitute(std::slice::from_ref(l), |s| lookup(s, l.protocol))).collect();
     let unresolved = resolutions.values().filter_map(|r| r.as_ref().err().cloned()).collect();
-    let backends_per_listener =
-        effective.iter().map(|l| (l.name.clone(), u32::try_from(all_backends(l).count()).unwrap_or(u32::MAX))).collect();
+    let backends_per_listener = effective
+        .iter()
+        .map(|l| (l.name.clone(), u32::try_from(all_backends(l).count()).unwrap_or(u32::MAX)))
+        .collect();
     let valid = l4proxy::config::check(&ProxyConfig { admin: None, listeners: effective.clone() }).is_ok();
     let config = valid.then(|| EffectiveConfig { version: version_of(&effective), generation, listeners: effective });
     Resolved { config, unresolved, backends_per_listener }
@@ -304,8 +306,11 @@ mod tests {
 
     #[test]
     fn listener_left_without_backends_yields_no_config_and_names_the_service() {
-        let spec = listeners("- name: postgres\n  address: 127.0.0.1:15432\n  backends:\n  - service: {name: pg, port: 5432}\n");
-        let unresolved = Unresolved { namespace: "shop".into(), name: "pg".into(), port: 5432, why: Why::NoReadyEndpoints };
+        let spec = listeners(
+            "- name: postgres\n  address: 127.0.0.1:15432\n  backends:\n  - service: {name: pg, port: 5432}\n",
+        );
+        let unresolved =
+            Unresolved { namespace: "shop".into(), name: "pg".into(), port: 5432, why: Why::NoReadyEndpoints };
         let resolutions = BTreeMap::from([(key("pg", 5432), Err(unresolved.clone()))]);
         let resolved = build(&spec, "shop", 1, &resolutions);
         assert!(resolved.config.is_none());

@@ -107,11 +107,8 @@ pub fn deployment(proxy: &L4Proxy, gateway: &GatewaySpec, image: &str) -> Deploy
         .chain(std::iter::once(json!({"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"})))
         .collect();
     let privileged_port = listeners.iter().any(|l| port_of(l) < 1024);
-    let capabilities = if privileged_port {
-        json!({"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]})
-    } else {
-        json!({"drop": ["ALL"]})
-    };
+    let capabilities =
+        if privileged_port { json!({"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}) } else { json!({"drop": ["ALL"]}) };
     let probe = |path: &str| json!({"httpGet": {"path": path, "port": ADMIN_PORT}, "periodSeconds": 5});
     serde_json::from_value(json!({
         "apiVersion": "apps/v1",
@@ -194,8 +191,12 @@ mod tests {
         assert!(owned_by(&svc, &p));
         let spec = svc.spec.unwrap();
         assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
-        let ports: Vec<_> =
-            spec.ports.unwrap().iter().map(|p| (p.name.clone().unwrap(), p.port, p.protocol.clone().unwrap())).collect();
+        let ports: Vec<_> = spec
+            .ports
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.clone().unwrap(), p.port, p.protocol.clone().unwrap()))
+            .collect();
         assert_eq!(ports, vec![("postgres".into(), 15432, "TCP".into()), ("dns".into(), 53, "UDP".into())]);
 
         let deploy = deployment(&p, &gateway, "example/l4proxy:1");

@@ -161,9 +161,9 @@ impl Elector {
                 Instant::now()
             }
         };
-        let duration = spec.lease_duration_seconds.map_or(self.config.lease_duration, |s| {
-            Duration::from_secs(u64::try_from(s).unwrap_or(0))
-        });
+        let duration = spec
+            .lease_duration_seconds
+            .map_or(self.config.lease_duration, |s| Duration::from_secs(u64::try_from(s).unwrap_or(0)));
         if holder.is_some() && first_seen.elapsed() < duration {
             return Ok(Round::Follower);
         }
@@ -211,7 +211,9 @@ impl Elector {
         .await;
         match result {
             Ok(()) => tracing::info!(lease = %self.config.name, "released leadership"),
-            Err(e) => tracing::warn!(lease = %self.config.name, error = %e, "releasing the lease failed; it expires on its own"),
+            Err(e) => {
+                tracing::warn!(lease = %self.config.name, error = %e, "releasing the lease failed; it expires on its own")
+            }
         }
     }
 }

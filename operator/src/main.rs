@@ -6,9 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::{Client, Config, config::KubeConfigOptions};
 use l4proxy::config::ConfigDuration;
-use l4proxy_operator::{
-    OperatorConfig, controller::Options, crd::crd_yaml, lease::LeaseConfig,
-};
+use l4proxy_operator::{OperatorConfig, controller::Options, crd::crd_yaml, lease::LeaseConfig};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -23,7 +21,7 @@ enum Command {
     /// Print the L4Proxy CustomResourceDefinition as YAML.
     Crd,
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Parser)]
@@ -83,6 +81,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(args) => {
+            let args = *args;
             init_logging(args.log_format);
             if args.lease_renew_deadline >= args.lease_duration {
                 eprintln!(

@@ -88,8 +88,16 @@ impl Metrics {
             "Writes to the API server, by kind (status, apply, delete, event)",
             metrics.writes.clone(),
         );
-        registry.register("leader", "1 while this replica holds the lease (the only one that writes)", metrics.leader.clone());
-        registry.register("effective_configs", "Resources with an effective config held for proxies", metrics.configs.clone());
+        registry.register(
+            "leader",
+            "1 while this replica holds the lease (the only one that writes)",
+            metrics.leader.clone(),
+        );
+        registry.register(
+            "effective_configs",
+            "Resources with an effective config held for proxies",
+            metrics.configs.clone(),
+        );
         Self { registry, ..metrics }
     }
 

@@ -18,7 +18,7 @@ use crate::{
     controller::{self, Context, Options},
     effective::ConfigStore,
     http,
-    lease::{Elector, LeaseConfig, Leadership},
+    lease::{Elector, Leadership, LeaseConfig},
     metrics::Metrics,
 };
 
@@ -114,8 +114,10 @@ pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Ru
     let controller_stop = stop.clone();
     let http_stop_after = http_stop.clone();
     let controller_task = tokio::spawn(async move {
-        controller::run(ctx, controller_stop.cancelled_owned(), move || controller_ready.store(true, Ordering::Release))
-            .await;
+        controller::run(ctx, controller_stop.cancelled_owned(), move || {
+            controller_ready.store(true, Ordering::Release)
+        })
+        .await;
         tracing::info!("controller stopped");
         controller_done.cancel();
         http_stop_after.cancel();

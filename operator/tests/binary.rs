@@ -21,8 +21,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_l4proxy-operator");
 fn crd_command_prints_the_checked_in_crd() {
     let out = Command::new(BIN).arg("crd").output().unwrap();
     assert!(out.status.success());
-    let checked_in = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/l4proxy.dev_l4proxies.yaml"))
-        .unwrap();
+    let checked_in =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/l4proxy.dev_l4proxies.yaml"))
+            .unwrap();
     assert!(
         String::from_utf8(out.stdout).unwrap() == checked_in,
         "crds/l4proxy.dev_l4proxies.yaml is out of date: run `make crds`"
@@ -92,10 +93,8 @@ async fn run_serves_health_and_metrics_reconciles_and_releases_the_lease_on_sigt
     let mut operator = Operator(child);
 
     assert_eq!(wait_for("/healthz", TIMEOUT, || http_get(port, "/healthz")).await.0, 200);
-    wait_for("/readyz to answer 200", TIMEOUT, || async {
-        (http_get(port, "/readyz").await?.0 == 200).then_some(())
-    })
-    .await;
+    wait_for("/readyz to answer 200", TIMEOUT, || async { (http_get(port, "/readyz").await?.0 == 200).then_some(()) })
+        .await;
 
     let api: Api<L4Proxy> = Api::namespaced(client.clone(), ns.name());
     create(

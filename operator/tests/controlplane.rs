@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{ConfigMap, Event, Service},
     coordination::v1::Lease,
+    core::v1::{ConfigMap, Event, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -72,7 +72,10 @@ async fn invalid_resources_are_refused_by_the_api_server_with_the_rule_message()
             "spec.listeners[0].limits.maxConnections",
         ),
         ("  - {name: a, address: '127.0.0.1:1', backends: [{address: '127.0.0.1:2', weight: 999}]}\n", "weight"),
-        ("  - {name: Bad_Name, address: '127.0.0.1:1', backends: [{address: '127.0.0.1:2'}]}\n", "spec.listeners[0].name"),
+        (
+            "  - {name: Bad_Name, address: '127.0.0.1:1', backends: [{address: '127.0.0.1:2'}]}\n",
+            "spec.listeners[0].name",
+        ),
     ];
     for (listeners, want) in cases {
         let message = refusal(&api, &format!("{head}{listeners}")).await;
@@ -241,7 +244,8 @@ async fn gateway_objects_are_created_owned_updated_and_deleted() {
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns.name());
     let uid = create(&api, GATEWAY).await.uid();
 
-    let deployment = wait_for("the gateway Deployment", TIMEOUT, || async { deployments.get_opt("edge-gateway").await.ok()? }).await;
+    let deployment =
+        wait_for("the gateway Deployment", TIMEOUT, || async { deployments.get_opt("edge-gateway").await.ok()? }).await;
     assert_eq!(owner_uid(&deployment), uid);
     assert_eq!(deployment.spec.replicas, Some(2));
     let service = services.get("edge-gateway").await.unwrap();
@@ -283,9 +287,18 @@ async fn resource_versions(client: &Client, ns: &str) -> BTreeMap<&'static str, 
     let rv = |o: Option<String>| o.unwrap_or_default();
     BTreeMap::from([
         ("l4proxy", rv(Api::<L4Proxy>::namespaced(client.clone(), ns).get("edge").await.unwrap().resource_version())),
-        ("deployment", rv(Api::<Deployment>::namespaced(client.clone(), ns).get("edge-gateway").await.unwrap().resource_version())),
-        ("service", rv(Api::<Service>::namespaced(client.clone(), ns).get("edge-gateway").await.unwrap().resource_version())),
-        ("configmap", rv(Api::<ConfigMap>::namespaced(client.clone(), ns).get("edge-gateway").await.unwrap().resource_version())),
+        (
+            "deployment",
+            rv(Api::<Deployment>::namespaced(client.clone(), ns).get("edge-gateway").await.unwrap().resource_version()),
+        ),
+        (
+            "service",
+            rv(Api::<Service>::namespaced(client.clone(), ns).get("edge-gateway").await.unwrap().resource_version()),
+        ),
+        (
+            "configmap",
+            rv(Api::<ConfigMap>::namespaced(client.clone(), ns).get("edge-gateway").await.unwrap().resource_version()),
+        ),
     ])
 }
 

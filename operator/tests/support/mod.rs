@@ -9,11 +9,7 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
 };
-use l4proxy_operator::{
-    L4Proxy, OperatorConfig, Running,
-    controller::Options,
-    lease::LeaseConfig,
-};
+use l4proxy_operator::{L4Proxy, OperatorConfig, Running, controller::Options, lease::LeaseConfig};
 use l4proxy_testenv::{ControlPlane, TestNamespace, wait_for};
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -106,6 +102,5 @@ pub async fn wait_status(api: &Api<L4Proxy>, name: &str, what: &str, check: impl
 
 /// Whether `type_` is `status` for the resource's current generation.
 pub fn has_condition(proxy: &L4Proxy, type_: &str, status: &str) -> bool {
-    condition(proxy, type_)
-        .is_some_and(|(s, _, _, generation)| s == status && generation == proxy.metadata.generation)
+    condition(proxy, type_).is_some_and(|(s, _, _, generation)| s == status && generation == proxy.metadata.generation)
 }
