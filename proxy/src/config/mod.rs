@@ -9,9 +9,8 @@ use std::path::Path;
 
 pub use duration::ConfigDuration;
 pub use schema::{
-    MAX_ADDRESS_LEN, MAX_LISTENERS, MAX_MATCH_ITEMS,
-    AcceptProxyProtocol, AdminConfig, Backend, Limits, Listener, LoadBalancing, Protocol, ProxyConfig,
-    ProxyProtocolVersion, Route, RouteMatch, RouteProtocol, ServiceBackend,
+    AcceptProxyProtocol, AdminConfig, Backend, Limits, Listener, LoadBalancing, MAX_ADDRESS_LEN, MAX_LISTENERS,
+    MAX_MATCH_ITEMS, Protocol, ProxyConfig, ProxyProtocolVersion, Route, RouteMatch, RouteProtocol, ServiceBackend,
 };
 pub use validate::{
     BackendConfig, BackendTarget, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EJECTION_COOLDOWN, DEFAULT_MAX_CONNECTIONS,
