@@ -225,7 +225,10 @@ async fn reconcile(proxy: Arc<L4Proxy>, ctx: Arc<Context>) -> Result<Action, Err
     let effective = resolved.as_ref().ok().and_then(|r| r.config.as_ref()).map(|c| c.listeners.as_slice());
     let gateway = match (&proxy.spec.gateway, &resolved) {
         (Some(spec), Ok(_)) => Some(apply_gateway(&proxy, spec, effective, &ctx).await?),
-        _ => {
+        // A spec that is not accepted leaves a running gateway as it is (serving its last good
+        // config) rather than taking it down over a typo.
+        (Some(_), Err(_)) => None,
+        (None, _) => {
             delete_gateway(&proxy, &ctx).await?;
             None
         }

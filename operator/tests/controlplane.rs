@@ -406,3 +406,29 @@ async fn kubectl_get_shows_ready_proxies_and_listeners_and_explain_describes_fie
     assert!(explained.contains("Concurrent connections (TCP) or sessions (UDP)"), "{explained}");
     operator.stop().await;
 }
+
+#[tokio::test]
+async fn gateway_is_kept_running_when_a_spec_change_is_not_accepted() {
+    let (client, ns) = setup("keepgw").await;
+    let operator = start_leader(&client, ns.name(), "op-1").await;
+    let api: Api<L4Proxy> = Api::namespaced(client.clone(), ns.name());
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
+    create(&api, GATEWAY).await;
+    let before =
+        wait_for("the gateway Deployment", TIMEOUT, || async { deployments.get_opt("edge-gateway").await.ok()? }).await;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns.name());
+    let config_before = config_maps.get("edge-gateway").await.unwrap();
+
+    // A change only the proxy's validation refuses: QUIC cannot be probed on TCP.
+    let patch = json!({"spec": {"listeners": [{"name": "web", "address": "127.0.0.1:8080",
+        "backends": [{"address": "10.2.0.1:80"}],
+        "routes": [{"match": {"protocol": "QUIC"}, "backends": [{"address": "10.2.0.9:80"}]}]}]}});
+    api.patch("edge", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    wait_status(&api, "edge", "Accepted=False for generation 2", |p| has_condition(p, "Accepted", "False")).await;
+
+    let after = deployments.get("edge-gateway").await.unwrap();
+    assert_eq!(after.resource_version(), before.resource_version());
+    let config_after = config_maps.get("edge-gateway").await.unwrap();
+    assert_eq!(config_after.data, config_before.data, "the last good config keeps being served");
+    operator.stop().await;
+}
