@@ -267,15 +267,18 @@ async fn resolve_services(
     Ok(resolutions)
 }
 
-/// What the gateway Deployment reports.
+/// What became of the gateway.
 #[derive(Debug)]
-struct GatewayState {
-    name: String,
-    wanted: i32,
-    available: i32,
+enum GatewayState {
+    /// Applied; the Deployment reports this many available replicas.
+    Applied { name: String, wanted: i32, available: i32 },
+    /// An object with the gateway's name exists and belongs to someone else: nothing applied.
+    Conflict(String),
 }
 
-/// Applies the gateway's ConfigMap (when there is an effective config), Deployment and Service.
+/// Applies the gateway's ConfigMap (when there is an effective config), Service and Deployment,
+/// unless one of those names is taken by an object this resource does not own (server-side
+/// apply with force would otherwise take it over).
 async fn apply_gateway(
     proxy: &L4Proxy,
     spec: &crate::crd::GatewaySpec,
@@ -283,21 +286,48 @@ async fn apply_gateway(
     ctx: &Context,
 ) -> Result<GatewayState, Error> {
     let ns = proxy.namespace().unwrap_or_default();
-    if let Some(listeners) = effective {
-        apply(ctx, &ns, &gateway::config_map(proxy, listeners)).await?;
+    let name = gateway::name(proxy);
+    let config_map: Option<ConfigMap> = current(ctx, &ns, &name).await?;
+    let service: Option<Service> = current(ctx, &ns, &name).await?;
+    let deployment: Option<Deployment> = current(ctx, &ns, &name).await?;
+    let taken = [
+        config_map.as_ref().is_some_and(|o| !gateway::owned_by(o, proxy)).then_some("ConfigMap"),
+        service.as_ref().is_some_and(|o| !gateway::owned_by(o, proxy)).then_some("Service"),
+        deployment.as_ref().is_some_and(|o| !gateway::owned_by(o, proxy)).then_some("Deployment"),
+    ];
+    if let Some(kind) = taken.into_iter().flatten().next() {
+        return Ok(GatewayState::Conflict(format!(
+            "{kind} {ns}/{name} exists and is not owned by this L4Proxy; rename or remove it"
+        )));
     }
-    apply(ctx, &ns, &gateway::service(proxy, spec)).await?;
-    let deployment = apply(ctx, &ns, &gateway::deployment(proxy, spec, &ctx.options.proxy_image)).await?;
+    if let Some(listeners) = effective {
+        apply(ctx, &ns, config_map, &gateway::config_map(proxy, listeners)).await?;
+    }
+    apply(ctx, &ns, service, &gateway::service(proxy, spec)).await?;
+    let desired = gateway::deployment(proxy, spec, &ctx.options.proxy_image);
+    let deployment = apply(ctx, &ns, deployment, &desired).await?;
     let status = deployment.status.unwrap_or_default();
-    Ok(GatewayState {
-        name: format!("{ns}/{}", gateway::name(proxy)),
+    Ok(GatewayState::Applied {
+        name: format!("{ns}/{name}"),
         wanted: spec.replicas.unwrap_or(1),
         available: status.available_replicas.unwrap_or(0),
     })
 }
 
-/// Server-side apply; counted as a write only when the server persisted a change.
-async fn apply<K>(ctx: &Context, namespace: &str, object: &K) -> Result<K, Error>
+async fn current<K>(ctx: &Context, namespace: &str, name: &str) -> Result<Option<K>, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
+    api.get_opt(name).await.map_err(api_error("reading a gateway object"))
+}
+
+/// Server-side apply over `before` (the object as read); counted as a write only when the
+/// server persisted a change.
+async fn apply<K>(ctx: &Context, namespace: &str, before: Option<K>, object: &K) -> Result<K, Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -307,7 +337,6 @@ where
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
     let name = object.meta().name.clone().unwrap_or_default();
-    let before = api.get_opt(&name).await.map_err(api_error("reading a gateway object"))?;
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let after =
         api.patch(&name, &params, &Patch::Apply(object)).await.map_err(api_error("applying a gateway object"))?;
@@ -334,7 +363,7 @@ where
         + std::fmt::Debug,
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
-    let Some(object) = api.get_opt(name).await.map_err(api_error("reading a gateway object"))? else {
+    let Some(object) = current::<K>(ctx, namespace, name).await? else {
         return Ok(());
     };
     if !gateway::owned_by(&object, proxy) {
@@ -368,12 +397,16 @@ fn decide(resolved: &Result<Resolved, effective::SpecError>, gateway: Option<&Ga
         Decided::new(READY, false, "BackendsUnresolved", names.join("; "))
     } else if resolved.config.is_none() {
         Decided::new(READY, false, "InvalidEffectiveConfig", "the resolved backends do not make a valid config")
-    } else if let Some(g) = gateway.filter(|g| g.available < g.wanted.min(1)) {
+    } else if let Some(GatewayState::Conflict(why)) = gateway {
+        Decided::new(READY, false, "GatewayConflict", why.clone())
+    } else if let Some(GatewayState::Applied { name, wanted, available }) = gateway
+        && *available < (*wanted).min(1)
+    {
         Decided::new(
             READY,
             false,
             "GatewayUnavailable",
-            format!("gateway Deployment {} has {} of {} replicas available", g.name, g.available, g.wanted),
+            format!("gateway Deployment {name} has {available} of {wanted} replicas available"),
         )
     } else {
         let backends: u32 = resolved.backends_per_listener.iter().map(|(_, n)| n).sum();

@@ -432,3 +432,28 @@ async fn gateway_is_kept_running_when_a_spec_change_is_not_accepted() {
     assert_eq!(config_after.data, config_before.data, "the last good config keeps being served");
     operator.stop().await;
 }
+
+#[tokio::test]
+async fn gateway_name_taken_by_a_foreign_object_is_reported_not_taken_over() {
+    let (client, ns) = setup("foreign").await;
+    let operator = start_leader(&client, ns.name(), "op-1").await;
+    let services: Api<Service> = Api::namespaced(client.clone(), ns.name());
+    let theirs: Service = serde_json::from_value(json!({
+        "metadata": {"name": "edge-gateway", "labels": {"team": "theirs"}},
+        "spec": {"ports": [{"port": 1234}]},
+    }))
+    .unwrap();
+    let theirs = services.create(&PostParams::default(), &theirs).await.unwrap();
+
+    let api: Api<L4Proxy> = Api::namespaced(client.clone(), ns.name());
+    create(&api, GATEWAY).await;
+    let proxy = wait_status(&api, "edge", "Ready=False", |p| has_condition(p, "Ready", "False")).await;
+    let (_, reason, message, _) = condition(&proxy, "Ready").unwrap();
+    assert_eq!(reason, "GatewayConflict");
+    assert!(message.contains(&format!("Service {}/edge-gateway exists and is not owned", ns.name())), "{message}");
+    let after = services.get("edge-gateway").await.unwrap();
+    assert_eq!(after.resource_version(), theirs.resource_version(), "their Service is untouched");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
+    assert!(deployments.get_opt("edge-gateway").await.unwrap().is_none(), "nothing applied");
+    operator.stop().await;
+}
