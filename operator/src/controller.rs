@@ -55,6 +55,9 @@ pub struct Options {
     pub resync: Duration,
     /// This replica's name, in Events.
     pub identity: String,
+    /// Most reconciles running at once (each makes a few API calls; unbounded, a relist of
+    /// thousands of resources would hit the API server all at once).
+    pub max_concurrent_reconciles: u16,
 }
 
 pub struct Context {
@@ -147,7 +150,9 @@ pub async fn run(
     let managed = watcher::Config::default().labels(&format!("{}={}", gateway::MANAGED_BY.0, gateway::MANAGED_BY.1));
     let by_slice = reader.clone();
     let by_service = reader.clone();
+    let config = kube::runtime::controller::Config::default().concurrency(ctx.options.max_concurrent_reconciles);
     Controller::for_stream(proxies, reader)
+        .with_config(config)
         .owns(api::<Deployment>(&client, ns), managed.clone())
         .owns(api::<Service>(&client, ns), managed.clone())
         .owns(api::<ConfigMap>(&client, ns), managed)
@@ -423,12 +428,10 @@ async fn write_status(
     resolved: Option<&Resolved>,
     ctx: &Context,
 ) -> Result<(), Error> {
-    let current = proxy.status.clone().unwrap_or_default();
-    let generation = proxy.metadata.generation.unwrap_or(0);
-    let conditions = status::merge(&current.conditions, decided, generation, status::now());
     let ns = proxy.namespace().unwrap_or_default();
+    let generation = proxy.metadata.generation.unwrap_or(0);
     let config_version = ctx.configs.get(&ns, &proxy.name_any()).map(|c| c.version.to_string());
-    let listeners = resolved
+    let listeners: Vec<ListenerStatus> = resolved
         .map(|r| {
             r.backends_per_listener
                 .iter()
@@ -436,17 +439,26 @@ async fn write_status(
                 .collect()
         })
         .unwrap_or_default();
-    let desired = L4ProxyStatus {
+    let desired_over = |current: &L4ProxyStatus| L4ProxyStatus {
         observed_generation: Some(generation),
-        conditions,
-        config_version,
+        conditions: status::merge(&current.conditions, decided, generation, status::now()),
+        config_version: config_version.clone(),
         proxies: current.proxies.clone(),
-        listeners,
+        listeners: listeners.clone(),
     };
+    let cached = proxy.status.clone().unwrap_or_default();
+    if desired_over(&cached) == cached {
+        return Ok(());
+    }
+    // The cache may not have seen our previous write yet (a reconcile right after one): decide
+    // against the stored status, so neither the status nor an Event is written twice.
+    let api: Api<L4Proxy> = Api::namespaced(ctx.client.clone(), &ns);
+    let stored = api.get_status(&proxy.name_any()).await.map_err(api_error("reading status"))?;
+    let current = stored.status.unwrap_or_default();
+    let desired = desired_over(&current);
     if desired == current {
         return Ok(());
     }
-    let api: Api<L4Proxy> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = serde_json::json!({
         "apiVersion": "l4proxy.dev/v1alpha1",
         "kind": "L4Proxy",
@@ -476,4 +488,80 @@ async fn write_status(
 /// The Event recorder for this replica.
 pub fn recorder(client: Client, identity: &str) -> Recorder {
     Recorder::new(client, Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity.to_owned()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::Event as K8sEvent;
+    use kube::api::PostParams;
+    use l4proxy_testenv::{ControlPlane, wait_for};
+
+    use super::*;
+    use crate::lease::{Elector, LeaseConfig};
+
+    #[tokio::test]
+    async fn reconcile_of_a_stale_cached_object_writes_status_and_events_once() {
+        let control_plane = ControlPlane::shared();
+        let client = control_plane.client().await;
+        let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+            Api::all(client.clone());
+        crds.patch(
+            "l4proxies.l4proxy.dev",
+            &PatchParams::apply("l4proxy-tests").force(),
+            &Patch::Apply(crate::crd::crd()),
+        )
+        .await
+        .unwrap();
+        let ns = control_plane.namespace(&client, "stale").await;
+        let lease = LeaseConfig {
+            namespace: ns.name().into(),
+            name: "l4proxy-operator".into(),
+            identity: "unit".into(),
+            lease_duration: Duration::from_secs(6),
+            renew_deadline: Duration::from_secs(4),
+            retry_period: Duration::from_millis(200),
+        };
+        let (elector, leadership) = Elector::new(client.clone(), lease);
+        tokio::spawn(elector.run(std::future::pending()));
+        wait_for("leadership", Duration::from_secs(30), || async { leadership.is_leader().then_some(()) }).await;
+        let ctx = Arc::new(Context {
+            recorder: recorder(client.clone(), "unit"),
+            client: client.clone(),
+            options: Options {
+                namespace: Some(ns.name().into()),
+                proxy_image: "example.invalid/l4proxy".into(),
+                allow_cross_namespace_services: false,
+                resync: Duration::from_secs(300),
+                identity: "unit".into(),
+                max_concurrent_reconciles: 1,
+            },
+            configs: Arc::default(),
+            leadership,
+            metrics: Arc::default(),
+        });
+        let api: Api<L4Proxy> = Api::namespaced(client.clone(), ns.name());
+        let resource: L4Proxy = serde_yaml_ng::from_str(
+            "apiVersion: l4proxy.dev/v1alpha1\nkind: L4Proxy\nmetadata: {name: web}\nspec:\n  listeners:\n  - {name: web, address: '127.0.0.1:1', backends: [{address: '127.0.0.1:2'}]}\n",
+        )
+        .unwrap();
+        let stale = Arc::new(
+            wait_for("the CRD to serve", Duration::from_secs(30), || async {
+                api.create(&PostParams::default(), &resource).await.ok()
+            })
+            .await,
+        );
+
+        // The same cached object twice, as when a reconcile runs before the watch delivered the
+        // first one's status write.
+        reconcile(stale.clone(), ctx.clone()).await.unwrap();
+        reconcile(stale, ctx.clone()).await.unwrap();
+
+        let events: Api<K8sEvent> = Api::namespaced(client, ns.name());
+        let events = events.list(&ListParams::default()).await.unwrap().items;
+        let reasons: Vec<_> = events.iter().filter_map(|e| e.reason.clone()).collect();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert_eq!(ctx.metrics.writes(), 3, "one status write and two Events");
+    }
 }

@@ -44,6 +44,9 @@ struct RunArgs {
     /// Reconcile every resource at least this often, even without changes.
     #[arg(long, default_value = "5m")]
     resync: ConfigDuration,
+    /// Most reconciles running at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    max_concurrent_reconciles: u16,
     /// This replica's identity in the Lease and in Events. Default: $POD_NAME, else host name and pid.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -139,6 +142,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             allow_cross_namespace_services: args.allow_cross_namespace_services,
             resync: args.resync.get(),
             identity: identity.clone(),
+            max_concurrent_reconciles: args.max_concurrent_reconciles,
         },
         lease: LeaseConfig {
             namespace: lease_namespace,

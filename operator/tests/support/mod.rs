@@ -59,6 +59,7 @@ pub async fn start_operator(client: &Client, namespace: &str, identity: &str) ->
             allow_cross_namespace_services: false,
             resync: Duration::from_secs(300),
             identity: identity.to_owned(),
+            max_concurrent_reconciles: 4,
         },
         lease: lease(namespace, identity),
         http_address: None,
