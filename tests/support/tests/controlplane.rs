@@ -35,6 +35,24 @@ async fn control_plane_starts_and_serves_readyz_and_namespaces() {
     assert_eq!(created.metadata.labels.unwrap().get(TEST_NAMESPACE_LABEL).map(String::as_str), Some("true"));
 }
 
+#[tokio::test]
+async fn binaries_report_their_pinned_versions() {
+    let control_plane = ControlPlane::shared();
+    let client = control_plane.client().await;
+    let version = client.apiserver_version().await.unwrap();
+    assert_eq!(version.git_version, "v1.37.2");
+    assert_eq!((version.major.as_str(), version.minor.as_str()), ("1", "37"));
+
+    // helm is ours only when tools/build.sh built the directory (KUBEBUILDER_ASSETS has none).
+    let helm = control_plane.bin_dir().join("helm");
+    if helm.exists() {
+        let out = Command::new(helm).args(["version", "--short"]).output().unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("v3.22.0"), "{out:?}");
+    }
+    let etcd = Command::new(control_plane.bin_dir().join("etcd")).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&etcd.stdout).contains("etcd Version: 3.7.3"), "{etcd:?}");
+}
+
 /// A second test on the same control plane, in parallel with the first: same server, its own
 /// namespace and client, and `wait_for` observing a write.
 #[tokio::test]
