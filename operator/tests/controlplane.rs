@@ -457,3 +457,34 @@ async fn gateway_name_taken_by_a_foreign_object_is_reported_not_taken_over() {
     assert!(deployments.get_opt("edge-gateway").await.unwrap().is_none(), "nothing applied");
     operator.stop().await;
 }
+
+#[tokio::test]
+async fn example_resource_applies_and_becomes_ready_and_a_typo_is_refused_naming_the_field() {
+    let (client, ns) = setup("example").await;
+    let operator = start_leader(&client, ns.name(), "op-1").await;
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/l4proxy.yaml");
+    kubectl(&["apply", "-n", ns.name(), "-f", example]).await;
+    let api: Api<L4Proxy> = Api::namespaced(client.clone(), ns.name());
+    // The gateway's pods never run here, so Ready stays False; the backends resolved.
+    let proxy = wait_status(&api, "db", "the example accepted and resolved", |p| {
+        has_condition(p, "Accepted", "True")
+            && condition(p, "Ready").is_some_and(|(_, reason, _, _)| reason == "GatewayUnavailable")
+    })
+    .await;
+    assert_eq!(proxy.status.unwrap().listeners[0].backends, 1);
+
+    let typo = std::env::temp_dir().join(format!("l4proxy-typo-{}.yaml", std::process::id()));
+    let text = std::fs::read_to_string(example).unwrap().replace("maxConnections: 512", "maxConection: 512");
+    std::fs::write(&typo, text).unwrap();
+    let args = ["apply", "-n", ns.name(), "-f", typo.to_str().unwrap()].map(String::from);
+    let out = tokio::task::spawn_blocking(move || {
+        l4proxy_testenv::ControlPlane::shared().kubectl().args(&args).output().unwrap()
+    })
+    .await
+    .unwrap();
+    std::fs::remove_file(&typo).unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown field \"spec.listeners[0].limits.maxConection\""), "{stderr}");
+    operator.stop().await;
+}
