@@ -501,6 +501,20 @@ mod tests {
     use super::*;
     use crate::lease::{Elector, LeaseConfig};
 
+    fn api_failure(code: u16) -> Error {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({"code": code})).unwrap();
+        Error::Api { action: "test", source: kube::Error::Api(Box::new(status)) }
+    }
+
+    #[test]
+    fn failure_labels_are_bounded_reasons_by_status_code() {
+        assert_eq!(api_failure(409).label(), "conflict");
+        assert_eq!(api_failure(403).label(), "forbidden");
+        assert_eq!(api_failure(422).label(), "invalid");
+        assert_eq!(api_failure(503).label(), "server_error");
+        assert_eq!(api_failure(418).label(), "api_error");
+    }
+
     #[tokio::test]
     async fn reconcile_of_a_stale_cached_object_writes_status_and_events_once() {
         let control_plane = ControlPlane::shared();

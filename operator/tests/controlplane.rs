@@ -488,3 +488,30 @@ async fn example_resource_applies_and_becomes_ready_and_a_typo_is_refused_naming
     assert!(stderr.contains("unknown field \"spec.listeners[0].limits.maxConection\""), "{stderr}");
     operator.stop().await;
 }
+
+#[tokio::test]
+async fn lease_of_a_vanished_holder_is_taken_over_only_after_its_duration() {
+    let (client, ns) = setup("vanished").await;
+    // A holder that renewed just now and then disappeared without releasing.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns.name());
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "l4proxy-operator"},
+        "spec": {"holderIdentity": "ghost", "leaseDurationSeconds": 3,
+                 "renewTime": k8s_openapi::jiff::Timestamp::now().to_string()},
+    }))
+    .unwrap();
+    leases.create(&PostParams::default(), &lease).await.unwrap();
+
+    let started = tokio::time::Instant::now();
+    let operator = start_operator(&client, ns.name(), "op-1").await;
+    wait_for("the operator to take the lease over", TIMEOUT, || async {
+        operator.leadership.is_leader().then_some(())
+    })
+    .await;
+    // Not before the ghost's 3 s have passed unchanged by the taker's own clock.
+    assert!(started.elapsed() >= std::time::Duration::from_secs(3), "took over after {:?}", started.elapsed());
+    let spec = leases.get("l4proxy-operator").await.unwrap().spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("op-1"));
+    assert_eq!(spec.lease_transitions, Some(1));
+    operator.stop().await;
+}
