@@ -222,7 +222,6 @@ async fn reconcile(proxy: Arc<L4Proxy>, ctx: Arc<Context>) -> Result<Action, Err
         Err(e) => Err(e),
     };
     ctx.metrics.set_configs(ctx.configs.len());
-    ctx.metrics.set_leader(ctx.leadership.is_leader());
     if !ctx.leadership.is_leader() {
         return Ok(Action::requeue(ctx.options.resync));
     }
@@ -319,27 +318,33 @@ async fn apply_gateway(
     })
 }
 
-async fn current<K>(ctx: &Context, namespace: &str, name: &str) -> Result<Option<K>, Error>
-where
+/// A namespaced object the reconciler reads, applies or deletes.
+trait Object:
+    Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug
+{
+}
+
+impl<K> Object for K where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
         + DeserializeOwned
-        + std::fmt::Debug,
+        + std::fmt::Debug
 {
+}
+
+async fn current<K: Object>(ctx: &Context, namespace: &str, name: &str) -> Result<Option<K>, Error> {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
     api.get_opt(name).await.map_err(api_error("reading a gateway object"))
 }
 
 /// Server-side apply over `before` (the object as read); counted as a write only when the
 /// server persisted a change.
-async fn apply<K>(ctx: &Context, namespace: &str, before: Option<K>, object: &K) -> Result<K, Error>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
+async fn apply<K: Object + Serialize>(
+    ctx: &Context,
+    namespace: &str,
+    before: Option<K>,
+    object: &K,
+) -> Result<K, Error> {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
     let name = object.meta().name.clone().unwrap_or_default();
     let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -360,13 +365,7 @@ async fn delete_gateway(proxy: &L4Proxy, ctx: &Context) -> Result<(), Error> {
     delete_owned::<ConfigMap>(ctx, proxy, &ns, &name).await
 }
 
-async fn delete_owned<K>(ctx: &Context, proxy: &L4Proxy, namespace: &str, name: &str) -> Result<(), Error>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
+async fn delete_owned<K: Object>(ctx: &Context, proxy: &L4Proxy, namespace: &str, name: &str) -> Result<(), Error> {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(object) = current::<K>(ctx, namespace, name).await? else {
         return Ok(());

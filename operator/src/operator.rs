@@ -47,19 +47,9 @@ impl Running {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Resolves when a stop was requested (by [`Running::stop`] or a caller's token).
-    pub fn stop_token(&self) -> CancellationToken {
-        self.stop.clone()
-    }
-
     /// Stops accepting work, lets in-flight reconciles finish, releases the lease, stops HTTP.
     pub async fn stop(self) {
         self.stop.cancel();
-        self.wait().await;
-    }
-
-    /// Waits until every task ended (after the stop token was cancelled).
-    pub async fn wait(self) {
         for task in self.tasks {
             if let Err(e) = task.await {
                 tracing::error!(error = %e, "operator task panicked");
