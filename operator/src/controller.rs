@@ -206,20 +206,9 @@ fn error_policy(proxy: Arc<L4Proxy>, error: &Error, ctx: Arc<Context>) -> Action
 async fn reconcile(proxy: Arc<L4Proxy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile();
     let ns = proxy.namespace().unwrap_or_default();
-    let name = proxy.name_any();
-    let generation = proxy.metadata.generation.unwrap_or(0);
     let resolved = match effective::check_spec(&proxy.spec.listeners, &ns, ctx.options.allow_cross_namespace_services) {
-        Ok(()) => {
-            let resolutions = resolve_services(&ctx.client, &proxy.spec.listeners, &ns).await?;
-            let resolved = effective::build(&proxy.spec.listeners, &ns, generation, &resolutions);
-            if let Some(config) = &resolved.config
-                && ctx.configs.put((ns.clone(), name.clone()), config.clone())
-            {
-                tracing::info!(resource = %format!("{ns}/{name}"), version = %config.version, "effective config changed");
-            }
-            Ok(resolved)
-        }
         Err(e) => Err(e),
+        Ok(()) => Ok(resolve_and_hold(&proxy, &ns, &ctx).await?),
     };
     ctx.metrics.set_configs(ctx.configs.len());
     if !ctx.leadership.is_leader() {
@@ -243,32 +232,58 @@ async fn reconcile(proxy: Arc<L4Proxy>, ctx: Arc<Context>) -> Result<Action, Err
     Ok(Action::requeue(ctx.options.resync))
 }
 
-/// Looks up every Service the spec names and its EndpointSlices.
+/// Resolves the spec's Service backends, builds the effective config and, when it is valid,
+/// holds it for the proxies.
+async fn resolve_and_hold(proxy: &L4Proxy, ns: &str, ctx: &Context) -> Result<Resolved, Error> {
+    let listeners = &proxy.spec.listeners;
+    let resolutions = resolve_services(&ctx.client, listeners, ns).await?;
+    let resolved = effective::build(listeners, ns, proxy.metadata.generation.unwrap_or(0), &resolutions);
+    let name = proxy.name_any();
+    if let Some(config) = &resolved.config
+        && ctx.configs.put((ns.to_owned(), name.clone()), config.clone())
+    {
+        tracing::info!(resource = %format!("{ns}/{name}"), version = %config.version, "effective config changed");
+    }
+    Ok(resolved)
+}
+
+/// Looks up every Service the spec names and its EndpointSlices (each Service once, however
+/// many of its ports the spec uses).
 async fn resolve_services(
     client: &Client,
     listeners: &[l4proxy::config::Listener],
     namespace: &str,
 ) -> Result<BTreeMap<ServiceKey, Result<Vec<std::net::SocketAddr>, Unresolved>>, Error> {
+    let mut fetched: BTreeMap<(String, String), (Option<Service>, Vec<EndpointSlice>)> = BTreeMap::new();
     let mut resolutions = BTreeMap::new();
     for key in effective::services(listeners, namespace) {
-        let services: Api<Service> = Api::namespaced(client.clone(), &key.namespace);
-        let service = services.get_opt(&key.name).await.map_err(api_error("reading a backend Service"))?;
-        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &key.namespace);
-        let selector = format!("{SERVICE_NAME_LABEL}={}", key.name);
-        let slices = match &service {
-            Some(_) => {
-                slices
-                    .list(&ListParams::default().labels(&selector))
-                    .await
-                    .map_err(api_error("listing EndpointSlices"))?
-                    .items
-            }
-            None => Vec::new(),
-        };
-        let result = resolve::endpoints(&key.namespace, &key.name, key.port, key.protocol, service.as_ref(), &slices);
+        let id = (key.namespace.clone(), key.name.clone());
+        if !fetched.contains_key(&id) {
+            let service = fetch_service(client, &key.namespace, &key.name).await?;
+            fetched.insert(id.clone(), service);
+        }
+        let (service, slices) = &fetched[&id];
+        let result = resolve::endpoints(&key.namespace, &key.name, key.port, key.protocol, service.as_ref(), slices);
         resolutions.insert(key, result);
     }
     Ok(resolutions)
+}
+
+/// A Service and its EndpointSlices (none when the Service does not exist).
+async fn fetch_service(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(Option<Service>, Vec<EndpointSlice>), Error> {
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let Some(service) = services.get_opt(name).await.map_err(api_error("reading a backend Service"))? else {
+        return Ok((None, Vec::new()));
+    };
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("{SERVICE_NAME_LABEL}={name}");
+    let slices =
+        slices.list(&ListParams::default().labels(&selector)).await.map_err(api_error("listing EndpointSlices"))?;
+    Ok((Some(service), slices.items))
 }
 
 /// What became of the gateway.

@@ -36,12 +36,6 @@ impl ServiceKey {
     }
 }
 
-impl fmt::Display for ServiceKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}:{}", self.namespace, self.name, self.port)
-    }
-}
-
 /// Why a spec is refused (`Accepted=False`): the field and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -86,11 +80,11 @@ pub fn check_spec(listeners: &[Listener], namespace: &str, allow_cross_namespace
             });
         }
     }
-    let stand_in = |service: &ServiceBackend| {
+    let stand_in = |service: &ServiceBackend, _: Protocol| {
         let ns = service.namespace.as_deref().unwrap_or(namespace);
         vec![format!("{}.{ns}.svc:{}", service.name, service.port)]
     };
-    let config = ProxyConfig { admin: None, listeners: substitute(listeners, |s| stand_in(s)) };
+    let config = ProxyConfig { admin: None, listeners: substitute(listeners, stand_in) };
     l4proxy::config::check(&config).map(drop).map_err(|e| match e {
         ConfigError::Invalid { path, message } => {
             SpecError { reason: "InvalidSpec", field: format!("spec.{path}"), message }
@@ -110,16 +104,20 @@ fn backend_paths(listeners: &[Listener]) -> impl Iterator<Item = (String, &Backe
     })
 }
 
-/// The listeners with each Service backend replaced by one address backend per `addresses(service)`
-/// (same weight and PROXY protocol); duplicates (two Services sharing an endpoint) keep the first.
-fn substitute(listeners: &[Listener], mut addresses: impl FnMut(&ServiceBackend) -> Vec<String>) -> Vec<Listener> {
-    let mut expand = |backends: &[Backend]| {
+/// The listeners with each Service backend replaced by one address backend per
+/// `addresses(service, listener protocol)` (same weight and PROXY protocol); duplicates (two
+/// Services sharing an endpoint) keep the first.
+fn substitute(
+    listeners: &[Listener],
+    mut addresses: impl FnMut(&ServiceBackend, Protocol) -> Vec<String>,
+) -> Vec<Listener> {
+    let mut expand = |backends: &[Backend], protocol: Protocol| {
         let mut seen = HashSet::new();
         let mut out = Vec::with_capacity(backends.len());
         for backend in backends {
             let expanded = match &backend.service {
                 None => vec![backend.clone()],
-                Some(service) => addresses(service)
+                Some(service) => addresses(service, protocol)
                     .into_iter()
                     .map(|address| Backend { address: Some(address), service: None, ..backend.clone() })
                     .collect(),
@@ -132,9 +130,9 @@ fn substitute(listeners: &[Listener], mut addresses: impl FnMut(&ServiceBackend)
         .iter()
         .map(|listener| {
             let mut listener = listener.clone();
-            listener.backends = expand(&listener.backends);
+            listener.backends = expand(&listener.backends, listener.protocol);
             for route in &mut listener.routes {
-                route.backends = expand(&route.backends);
+                route.backends = expand(&route.backends, listener.protocol);
             }
             listener
         })
@@ -193,8 +191,7 @@ pub fn build(
             _ => Vec::new(),
         }
     };
-    let effective: Vec<Listener> =
-        listeners.iter().flat_map(|l| substitute(std::slice::from_ref(l), |s| lookup(s, l.protocol))).collect();
+    let effective = substitute(listeners, lookup);
     let unresolved = resolutions.values().filter_map(|r| r.as_ref().err().cloned()).collect();
     let backends_per_listener = effective
         .iter()
@@ -224,12 +221,9 @@ pub struct ConfigStore {
 impl ConfigStore {
     /// Stores `config` for `key`; returns whether the version changed.
     pub fn put(&self, key: ResourceKey, config: EffectiveConfig) -> bool {
+        let version = config.version;
         let mut configs = self.configs.write().unwrap_or_else(|e| e.into_inner());
-        let changed = configs.get(&key).is_none_or(|old| old.version != config.version);
-        if changed || configs.get(&key).is_some_and(|old| old.generation != config.generation) {
-            configs.insert(key, Arc::new(config));
-        }
-        changed
+        configs.insert(key, Arc::new(config)).is_none_or(|old| old.version != version)
     }
 
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<EffectiveConfig>> {

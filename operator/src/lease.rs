@@ -45,7 +45,7 @@ pub struct Leadership {
 
 impl Leadership {
     pub fn is_leader(&self) -> bool {
-        self.valid_until.borrow().is_some_and(|until| Instant::now() < until)
+        valid(*self.valid_until.borrow())
     }
 
     /// Waits for the next change of leadership (gained, renewed or lost).
@@ -76,7 +76,15 @@ pub struct Elector {
     config: LeaseConfig,
     tx: watch::Sender<Option<Instant>>,
     /// The holder record last seen and when it was first seen (by our clock).
-    observed: Option<(Option<String>, Option<Timestamp>, Instant)>,
+    observed: Option<(Record, Instant)>,
+}
+
+/// A lease record as another replica left it: holder and renew time.
+type Record = (Option<String>, Option<Timestamp>);
+
+/// Whether leadership that lasts `until` still holds.
+fn valid(until: Option<Instant>) -> bool {
+    until.is_some_and(|until| Instant::now() < until)
 }
 
 /// What one round ended with.
@@ -123,7 +131,7 @@ impl Elector {
     }
 
     fn is_valid(&self) -> bool {
-        self.tx.borrow().is_some_and(|until| Instant::now() < until)
+        valid(*self.tx.borrow())
     }
 
     fn lose(&self, why: &str) {
@@ -153,14 +161,11 @@ impl Elector {
             lease.spec = Some(self.spec(acquired, now, spec.lease_transitions.unwrap_or(0)));
             return self.replace(&lease).await;
         }
-        let record = (holder.clone(), spec.renew_time.as_ref().map(|t| t.0));
-        let first_seen = match &self.observed {
-            Some((h, r, at)) if (h, r) == (&record.0, &record.1) => *at,
-            _ => {
-                self.observed = Some((record.0, record.1, Instant::now()));
-                Instant::now()
-            }
-        };
+        let record: Record = (holder.clone(), spec.renew_time.as_ref().map(|t| t.0));
+        if self.observed.as_ref().is_none_or(|(seen, _)| *seen != record) {
+            self.observed = Some((record, Instant::now()));
+        }
+        let first_seen = self.observed.as_ref().map_or_else(Instant::now, |(_, at)| *at);
         let duration = spec
             .lease_duration_seconds
             .map_or(self.config.lease_duration, |s| Duration::from_secs(u64::try_from(s).unwrap_or(0)));

@@ -63,8 +63,8 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("l4proxy_operator");
-        let metrics = Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("l4proxy_operator"),
             reconciles: Counter::default(),
             leader_reconciles: Counter::default(),
             failures: Family::default(),
@@ -73,32 +73,20 @@ impl Metrics {
             writes: Family::default(),
             leader: Gauge::default(),
             configs: Gauge::default(),
-            registry: Registry::default(),
         };
-        registry.register("reconciles", "Reconciles run", metrics.reconciles.clone());
-        registry.register(
+        let r = &mut m.registry;
+        r.register("reconciles", "Reconciles run", m.reconciles.clone());
+        r.register(
             "leader_reconciles",
             "Reconciles completed while holding the lease (the ones that may write)",
-            metrics.leader_reconciles.clone(),
+            m.leader_reconciles.clone(),
         );
-        registry.register("reconcile_failures", "Reconciles that failed, by reason", metrics.failures.clone());
-        registry.register("reconcile_duration_seconds", "Time per reconcile", metrics.duration.clone());
-        registry.register(
-            "writes",
-            "Writes to the API server, by kind (status, apply, delete, event)",
-            metrics.writes.clone(),
-        );
-        registry.register(
-            "leader",
-            "1 while this replica holds the lease (the only one that writes)",
-            metrics.leader.clone(),
-        );
-        registry.register(
-            "effective_configs",
-            "Resources with an effective config held for proxies",
-            metrics.configs.clone(),
-        );
-        Self { registry, ..metrics }
+        r.register("reconcile_failures", "Reconciles that failed, by reason", m.failures.clone());
+        r.register("reconcile_duration_seconds", "Time per reconcile", m.duration.clone());
+        r.register("writes", "Writes to the API server, by kind (status, apply, delete, event)", m.writes.clone());
+        r.register("leader", "1 while this replica holds the lease (the only one that writes)", m.leader.clone());
+        r.register("effective_configs", "Resources with an effective config held for proxies", m.configs.clone());
+        m
     }
 
     /// Counts a reconcile; its duration is recorded when the timer drops.

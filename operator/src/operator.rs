@@ -69,8 +69,8 @@ pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Ru
     let configs = Arc::new(ConfigStore::default());
     let ready = Arc::new(AtomicBool::new(false));
     let stop = CancellationToken::new();
+    // Cancelled when the controller has stopped: the lease is released and HTTP stops after it.
     let controller_done = CancellationToken::new();
-    let http_stop = CancellationToken::new();
 
     let (elector, leadership) = Elector::new(client.clone(), config.lease);
     let mut leader_changes = leadership.clone();
@@ -102,19 +102,18 @@ pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Ru
     });
     let controller_ready = ready.clone();
     let controller_stop = stop.clone();
-    let http_stop_after = http_stop.clone();
+    let done = controller_done.clone();
     let controller_task = tokio::spawn(async move {
         controller::run(ctx, controller_stop.cancelled_owned(), move || {
             controller_ready.store(true, Ordering::Release)
         })
         .await;
         tracing::info!("controller stopped");
-        controller_done.cancel();
-        http_stop_after.cancel();
+        done.cancel();
     });
     let mut tasks = vec![controller_task, elector_task];
     if let Some(socket) = http_socket {
-        tasks.push(tokio::spawn(http::serve(socket, metrics.clone(), ready.clone(), http_stop)));
+        tasks.push(tokio::spawn(http::serve(socket, metrics.clone(), ready.clone(), controller_done)));
     }
     Ok(Running { metrics, configs, leadership, http_address, ready, stop, tasks })
 }
