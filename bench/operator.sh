@@ -11,24 +11,25 @@ set -euo pipefail
 
 n=${1:-500}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-work=$(mktemp -d /tmp/l4p-operator-bench.XXXXXX)
+# shellcheck source=bench/lib.sh
+source "$repo/bench/lib.sh" # log, die, PIDS/stop_pid
+RAW=$(mktemp -d /tmp/l4p-operator-bench.XXXXXX)
 ns=bench
 port=18089
-log() { echo "bench/operator.sh: $*" >&2; }
 
 bin_dir=$("$repo/tools/build.sh" | tail -n 1)
 kubectl="$bin_dir/kubectl"
 (cd "$repo" && cargo build -q --release -p l4proxy-operator)
 operator="$repo/target/release/l4proxy-operator"
 
-eval "$("$repo/tests/controlplane/up" "$work/cp")"
-op_pid=
-cleanup() {
-    [[ -n $op_pid ]] && kill "$op_pid" 2> /dev/null && wait "$op_pid" 2> /dev/null
-    "$repo/tests/controlplane/down" "$work/cp" --clean > /dev/null 2>&1 || true
-    rm -rf "$work"
+eval "$("$repo/tests/controlplane/up" "$RAW/cp")"
+finish() {
+    local pid
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    "$repo/tests/controlplane/down" "$RAW/cp" --clean > /dev/null 2>&1 || true
+    rm -rf "$RAW"
 }
-trap cleanup EXIT
+trap finish EXIT
 
 "$kubectl" apply -f "$repo/crds/" > /dev/null
 "$kubectl" create namespace "$ns" > /dev/null
@@ -60,70 +61,57 @@ spec:
 EOF
     done
 }
-objects 1 > "$work/objects.yaml"
-"$kubectl" apply --server-side -f "$work/objects.yaml" > /dev/null
+objects 1 > "$RAW/objects.yaml"
+"$kubectl" apply --server-side -f "$RAW/objects.yaml" > /dev/null
 log "$n resources, Services and EndpointSlices created"
 
 now() { date +%s.%N; }
+since() { echo "$(now) - $1" | bc; }
 start_operator() {
     "$operator" run --namespace "$ns" --http-address "127.0.0.1:$port" --identity bench \
-        --lease-namespace "$ns" > "$work/operator-$1.log" 2>&1 &
-    op_pid=$!
+        --lease-namespace "$ns" > "$RAW/operator-$1.log" 2>&1 &
+    PIDS+=($!)
 }
-stop_operator() {
-    kill "$op_pid"
-    wait "$op_pid" || true
-    op_pid=
-}
+operator_pid() { echo "${PIDS[-1]}"; }
 metric() { curl -s "127.0.0.1:$port/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
-# Prints when `kubectl get` shows $1 resources satisfying the jsonpath filter $2 (or times out).
+writes() { curl -s "127.0.0.1:$port/metrics" | awk '/^l4proxy_operator_writes_total/ {s += $2} END {print s + 0}'; }
+# One line per resource from the jsonpath template $1; waits until $2 of those lines satisfy
+# the grep pattern $3 (-v: do not match it), for at most 300 s.
 wait_count() {
-    local deadline=$((SECONDS + 300))
+    local template=$1 want=$2 got=0 deadline=$((SECONDS + 300))
+    shift 2
     while ((SECONDS < deadline)); do
-        local got
-        got=$("$kubectl" get l4p -n "$ns" -o jsonpath="$2" | wc -w)
-        ((got >= $1)) && return 0
+        got=$("$kubectl" get l4p -n "$ns" -o jsonpath="$template" | grep -c "$@" || true)
+        ((got >= want)) && return 0
         sleep 0.5
     done
-    log "timed out: $got of $1 for $2"
-    return 1
+    die "timed out: $got of $want resources"
 }
-ready='{range .items[?(@.status.conditions[1].status=="True")]}{.metadata.name} {end}'
 
 t0=$(now)
 start_operator first
-wait_count "$n" "$ready"
-t1=$(now)
+wait_count '{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' "$n" -x True
+elapsed=$(since "$t0")
 sleep 2 # let in-flight status writes land before reading counters
 reconciles=$(metric l4proxy_operator_reconciles_total)
 dur_sum=$(metric l4proxy_operator_reconcile_duration_seconds_sum)
-writes=$(curl -s "127.0.0.1:$port/metrics" | awk '/^l4proxy_operator_writes_total/ {s += $2} END {print s + 0}')
-rss=$(awk '/VmRSS/ {print $2}' "/proc/$op_pid/status")
+rss=$(awk '/VmRSS/ {print $2}' "/proc/$(operator_pid)/status")
 printf 'all %d Ready after %.2f s; %d reconciles, mean %.1f ms; %d writes; RSS %d KiB\n' \
-    "$n" "$(echo "$t1 - $t0" | bc)" "$reconciles" "$(echo "$dur_sum * 1000 / $reconciles" | bc -l)" "$writes" "$rss"
-stop_operator
+    "$n" "$elapsed" "$reconciles" "$(echo "$dur_sum * 1000 / $reconciles" | bc -l)" "$(writes)" "$rss"
+stop_pid "$(operator_pid)"
 
 t0=$(now)
 start_operator second
 until [[ $(metric l4proxy_operator_leader_reconciles_total) -ge $n ]] 2> /dev/null; do sleep 0.2; done
-t1=$(now)
-writes=$(curl -s "127.0.0.1:$port/metrics" | awk '/^l4proxy_operator_writes_total/ {s += $2} END {print s + 0}')
-printf 'restart: %d resources re-reconciled in %.2f s with %d writes\n' "$n" "$(echo "$t1 - $t0" | bc)" "$writes"
+printf 'restart: %d resources re-reconciled in %.2f s with %d writes\n' "$n" "$(since "$t0")" "$(writes)"
 
-objects 2 > "$work/objects2.yaml"
-version_before=$("$kubectl" get l4p -n "$ns" -o jsonpath='{.items[*].status.configVersion}')
+# Each resource's configVersion changes when its Service's endpoint does.
+objects 2 > "$RAW/objects2.yaml"
+versions='{range .items[*]}{.status.configVersion}{"\n"}{end}'
+"$kubectl" get l4p -n "$ns" -o jsonpath="$versions" > "$RAW/versions-before"
 t0=$(now)
-"$kubectl" apply --server-side -f "$work/objects2.yaml" > /dev/null
-t1=$(now)
-deadline=$((SECONDS + 300))
-while ((SECONDS < deadline)); do
-    # Each resource's configVersion changes when its Service's endpoint does.
-    done_count=$("$kubectl" get l4p -n "$ns" -o jsonpath='{.items[*].status.configVersion}' \
-        | tr ' ' '\n' | grep -cvxF -f <(echo "$version_before" | tr ' ' '\n') || true)
-    ((done_count >= n)) && break
-    sleep 0.5
-done
-t2=$(now)
+"$kubectl" apply --server-side -f "$RAW/objects2.yaml" > /dev/null
+applied=$(since "$t0")
+wait_count "$versions" "$n" -vxF -f "$RAW/versions-before"
 printf 'endpoint change on all %d Services: applied in %.2f s, every status followed after %.2f s\n' \
-    "$n" "$(echo "$t1 - $t0" | bc)" "$(echo "$t2 - $t0" | bc)"
-stop_operator
+    "$n" "$applied" "$(since "$t0")"
