@@ -312,7 +312,12 @@ async fn restarted_operator_with_nothing_changed_writes_nothing() {
         has_condition(p, "Accepted", "True") && has_condition(p, "Ready", "False")
     })
     .await;
-    // Settled: one more full reconcile as leader changes nothing.
+    // Settled: one more full reconcile as leader changes nothing. The status is visible before
+    // the first reconcile has published its Events, so count writes once it has completed.
+    wait_for("the first reconcile to complete", TIMEOUT, || async {
+        (first.metrics.leader_reconciles() >= 1).then_some(())
+    })
+    .await;
     let settled = first.metrics.writes();
     wait_for("a reconcile that writes nothing", TIMEOUT, || async {
         (first.metrics.leader_reconciles() >= 2 && first.metrics.writes() == settled).then_some(())
