@@ -11,6 +11,7 @@
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers, read and written.
 //! - [`server`]: the running proxy: listeners, reload, stats, drain.
 //! - [`admin`]: the admin HTTP server.
+//! - [`telemetry`]: logging, metrics text and the health/metrics HTTP server, shared with the operator.
 
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod probe;
 pub mod proxy_protocol;
 pub mod routing;
 pub mod server;
+pub mod telemetry;
 
 pub use connection::{
     CloseReason, ConnectionContext, ConnectionError, ConnectionManager, ConnectionMetrics, Lifecycle, ListenerSettings,

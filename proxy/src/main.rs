@@ -9,14 +9,14 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use l4proxy::{
     Proxy,
     config::{self, Config, ConfigDuration},
     metrics::Metrics,
+    telemetry::{self, LogFormat},
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing_subscriber::EnvFilter;
 
 /// sysexits' EX_USAGE: the config is wrong.
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -35,12 +35,6 @@ struct Cli {
     workers: Option<u16>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -66,7 +60,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _log_guard = init_logging(cli.log_format);
+    let _log_guard = telemetry::init_logging(cli.log_format, telemetry::LogOutput::Stdout);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(workers) = cli.workers {
         builder.worker_threads(usize::from(workers));
@@ -100,21 +94,6 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    // Logs go through a bounded queue to a writer thread so a slow stdout never stalls a worker;
-    // when the queue is full, callers wait rather than lose lines.
-    let (writer, guard) =
-        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stdout());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-    guard
 }
 
 /// The config file being served and the text of the version in force.

@@ -184,6 +184,11 @@ impl Proxy {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// `Ok` while ready for traffic, else why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.is_ready() { Ok(()) } else { Err("shutting down".into()) }
+    }
+
     /// Bound address of the listener named `name`.
     pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
         let state = self.lock_state();
