@@ -1,13 +1,15 @@
 //! A short tour of the connection-management API, self-contained on loopback:
 //! connections through a `TcpConnectionManager`, the connection limit being hit, a connect
-//! error, and the metrics each connection collected.
+//! error, and the metrics each connection collected, recorded as the running proxy records
+//! them (`connection::record`: the listener's metrics and one access-log line).
 //!
 //!     cargo run -p l4proxy --example connection_management_demo
 
 use std::net::SocketAddr;
 
 use l4proxy::{
-    ConnectionManager, ConnectionMetrics, ListenerSettings, TcpConnectionManager, config::parse_yaml, metrics::Metrics,
+    ConnectionManager, ConnectionMetrics, ListenerManager, ListenerSettings, TcpConnectionManager, config::parse_yaml,
+    connection::record, metrics::Metrics,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -52,9 +54,10 @@ async fn main() -> anyhow::Result<()> {
         let (client, accepted, peer) = pair(&front, front_addr).await?;
         let connection = demo.create_connection(accepted, peer, front_addr)?;
         let id = connection.context.id;
-        let (reply, metrics) = tokio::join!(exchange(client, request), demo.handle_connection(connection));
+        let (reply, measured) = tokio::join!(exchange(client, request), demo.handle_connection(connection));
         println!("   connection {id}: sent {request:?}, got {:?}", reply?);
-        print_metrics(&metrics?);
+        print_metrics(&measured);
+        record(&demo.settings().metrics, &measured);
     }
 
     // 2. The limit: hold two connections open, the third is refused.
@@ -72,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let (_client, accepted, peer) = pair(&front, front_addr).await?;
     match demo.create_connection(accepted, peer, front_addr) {
         Ok(_) => println!("   unexpected: admitted"),
-        Err(e) => println!("   refused: {e}  [metric reason: {}]", e.label()),
+        Err(e) => println!("   refused: {e}  [metric reason: {}]", e.close_reason().label()),
     }
     held.clear();
     println!("   after closing them: connection_count = {}", demo.connection_count());
@@ -83,15 +86,17 @@ async fn main() -> anyhow::Result<()> {
     let broken = manager(dead, 2)?;
     let (_client, accepted, peer) = pair(&front, front_addr).await?;
     let connection = broken.create_connection(accepted, peer, front_addr)?;
-    match broken.handle_connection(connection).await {
-        Ok(_) => println!("   unexpected: connected"),
-        Err(e) => {
-            println!("   failed: {e}  [metric reason: {}]", e.label());
-            if let Some(source) = std::error::Error::source(&e) {
+    let measured = broken.handle_connection(connection).await;
+    match &measured.error {
+        None => println!("   unexpected: connected"),
+        Some(e) => {
+            println!("   failed: {e}  [metric reason: {}]", measured.close_reason.label());
+            if let Some(source) = std::error::Error::source(e) {
                 println!("   caused by: {source}");
             }
         }
     }
+    record(&broken.settings().metrics, &measured);
 
     println!("\n4. the listener's Prometheus metrics (excerpt)");
     for line in metrics.encode().lines().filter(|l| !l.starts_with('#') && !l.ends_with(" 0") && !l.contains("_bucket"))

@@ -64,8 +64,8 @@ impl BackendState {
         }
     }
 
-    /// The address as written in the config.
-    pub fn address(&self) -> &str {
+    /// The address as written in the config: the backend's identity in metrics and health.
+    pub fn address(&self) -> &Arc<str> {
         &self.address
     }
 
@@ -153,12 +153,7 @@ impl BackendState {
                 Ok(Err(source)) => {
                     last = Some((Failure::Refused, ConnectionError::ConnectionFailed { src, dst, source }))
                 }
-                Err(_) => {
-                    last = Some((
-                        Failure::Timeout,
-                        ConnectionError::Timeout { src, dst, operation: "connect", after: timeout },
-                    ))
-                }
+                Err(_) => last = Some((Failure::Timeout, ConnectionError::ConnectTimeout { src, dst, after: timeout })),
             }
         }
         Err(match last {

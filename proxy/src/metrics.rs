@@ -13,6 +13,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use std::sync::{Arc, OnceLock};
+
 use crate::connection::{CloseReason, DropReason};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,6 +81,7 @@ pub struct Metrics {
     backend_ejections: Family<BackendLabels, Counter>,
     backend_resolve_failures: Family<BackendLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
+    listener_failures: Family<ListenerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -111,6 +114,7 @@ impl Metrics {
             backend_ejections: Family::default(),
             backend_resolve_failures: Family::default(),
             reloads: Family::default(),
+            listener_failures: Family::default(),
         };
         let r = &mut m.registry;
         r.register("connections_accepted", "Connections admitted by a listener", m.accepted.clone());
@@ -149,6 +153,11 @@ impl Metrics {
             m.backend_resolve_failures.clone(),
         );
         r.register("config_reloads", "Config reloads, by result", m.reloads.clone());
+        r.register(
+            "listener_failures",
+            "Listeners whose accept or receive loop died (the listener is down: /readyz fails)",
+            m.listener_failures.clone(),
+        );
         m
     }
 
@@ -166,7 +175,13 @@ impl Metrics {
             accept_errors: handle(&self.accept_errors, &l),
             datagrams_received: handle(&self.datagrams_received, &l),
             datagrams_sent: handle(&self.datagrams_sent, &l),
-            drops: DropReason::ALL.map(|r| handle(&self.drops, &reason(r.label()))),
+            send_failed: handle(&self.drops, &reason(DropReason::SendFailed.label())),
+            probe_overflow: handle(&self.drops, &reason(DropReason::ProbeOverflow.label())),
+            refused: Arc::new(Refused {
+                family: self.drops.clone(),
+                listener: name.to_owned(),
+                counters: Default::default(),
+            }),
             pool_size: handle(&self.pool_size, &l),
             pool_expired: handle(&self.pool_expired, &l),
             connect_time: handle(&self.connect_time, &l),
@@ -193,6 +208,11 @@ impl Metrics {
     pub fn reload(&self, succeeded: bool) {
         let result = if succeeded { "success" } else { "failure" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts a listener going down.
+    pub fn listener_failed(&self, listener: &str) {
+        self.listener_failures.get_or_create(&ListenerLabels { listener: listener.to_owned() }).inc();
     }
 
     /// Prometheus text exposition.
@@ -225,7 +245,9 @@ pub struct ListenerMetrics {
     pub accept_errors: Counter,
     pub datagrams_received: Counter,
     pub datagrams_sent: Counter,
-    pub drops: [Counter; DropReason::ALL.len()],
+    send_failed: Counter,
+    probe_overflow: Counter,
+    refused: Arc<Refused>,
     pub pool_size: Gauge,
     pub pool_expired: Counter,
     pub connect_time: Histogram,
@@ -238,7 +260,56 @@ impl ListenerMetrics {
     }
 
     pub fn dropped(&self, reason: DropReason) -> &Counter {
-        &self.drops[reason as usize]
+        match reason {
+            DropReason::SendFailed => &self.send_failed,
+            DropReason::ProbeOverflow => &self.probe_overflow,
+            DropReason::Refused(why) => self.refused.counter(why),
+        }
+    }
+
+    /// Dropped datagrams by reason label: the fixed reasons, and each refusal that happened.
+    pub fn drop_counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        [DropReason::SendFailed, DropReason::ProbeOverflow]
+            .into_iter()
+            .map(|r| (r.label(), self.dropped(r).get()))
+            .chain(self.refused.counted())
+    }
+}
+
+/// Dropped-datagram counters of refused sessions, one per close reason, each registered the
+/// first time a session is refused for it: only the reasons that happen show in `/metrics`.
+struct Refused {
+    family: Family<ReasonLabels, Counter>,
+    listener: String,
+    counters: [OnceLock<Counter>; CloseReason::ALL.len()],
+}
+
+impl Refused {
+    /// The counts of the reasons that happened so far.
+    fn counted(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        CloseReason::ALL.iter().zip(&self.counters).filter_map(|(why, c)| c.get().map(|c| (why.label(), c.get())))
+    }
+
+    fn counter(&self, why: CloseReason) -> &Counter {
+        self.counters[why.index()].get_or_init(|| {
+            handle(&self.family, &ReasonLabels { listener: self.listener.clone(), reason: why.label() })
+        })
+    }
+}
+
+/// Counts one open connection or session in a gauge while it lives.
+pub struct Open(Gauge);
+
+impl Open {
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -420,3 +420,47 @@ async fn shutdown_cuts_connections_left_after_the_drain_period() {
     assert!(read_to_eof(&mut open).await.map(|b| b.is_empty()).unwrap_or(true), "the cut connection is closed");
     assert_eq!(proxy.stats().open_connections, 0);
 }
+
+#[tokio::test]
+async fn busy_connection_is_closed_on_both_legs_at_max_connection_duration() {
+    let echo = Echo::start().await;
+    let (proxy, address) = proxy_to(&[echo.address], "  limits: {maxConnectionDuration: 300ms}\n").await;
+    let mut stream = echo_through(address).await;
+    let opened = tokio::time::Instant::now();
+    // Keep it busy: round trips back to back until the proxy closes it.
+    let mut buf = [0u8; 4];
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if stream.write_all(b"busy").await.is_err() {
+                return;
+            }
+            match stream.read_exact(&mut buf).await {
+                Ok(_) => assert_eq!(&buf, b"busy"),
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection is closed");
+    assert!(opened.elapsed() >= Duration::from_millis(250), "not before its time: {:?}", opened.elapsed());
+    wait_until("the close is counted", || proxy.stats().listeners[0].closed["max_duration"] == 1).await;
+    assert_eq!(proxy.stats().listeners[0].pool_stats.expired_count, 1);
+}
+
+#[tokio::test]
+async fn readiness_fails_naming_a_listener_whose_accept_loop_died() {
+    let echo = Echo::start().await;
+    let (proxy, address) = proxy_to(&[echo.address], "").await;
+    let admin = proxy.admin_address().unwrap();
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+
+    break_listening_socket(address);
+
+    wait_until("the listener is reported down", || !proxy.is_ready()).await;
+    let (status, body) = http_get(admin, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("listener web is down") && body.contains("accept loop failed"), "{body}");
+    let failures = metric(&metrics_text(&proxy).await, r#"l4proxy_listener_failures_total{listener="web"}"#);
+    assert_eq!(failures, 1.0, "counted once");
+    assert!(!proxy.stats().ready);
+}

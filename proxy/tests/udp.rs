@@ -8,21 +8,6 @@ use l4proxy::Proxy;
 use support::*;
 use tokio::net::UdpSocket;
 
-/// A UDP echo server on 127.0.0.1 that prefixes each reply with the port it was sent from.
-async fn udp_echo() -> SocketAddr {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let address = socket.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-            let mut reply = format!("{}:", from.port()).into_bytes();
-            reply.extend_from_slice(&buf[..n]);
-            let _ = socket.send_to(&reply, from).await;
-        }
-    });
-    address
-}
-
 fn udp_yaml(backends: &[SocketAddr], limits: &str) -> String {
     let backends: Vec<String> = backends.iter().map(|b| format!("{{address: '{b}'}}")).collect();
     format!(
@@ -174,4 +159,22 @@ async fn udp_listener_reports_pool_stats_in_stats_json() {
     assert!(dns["poolStats"]["averageAgeSeconds"].is_number());
     assert_eq!(dns["udp"]["datagramsReceived"], 1);
     assert_eq!(dns["bytesReceived"], 5);
+}
+
+#[tokio::test]
+async fn busy_udp_session_ends_at_max_connection_duration_and_the_next_datagram_starts_another() {
+    let echo = udp_echo().await;
+    let (proxy, address) = udp_proxy(&[echo], "maxConnectionDuration: 300ms, idleTimeout: 1m").await;
+    let socket = client().await;
+    let first = exchange(&socket, address, b"first").await.expect("a reply");
+    let port_of = |r: &[u8]| String::from_utf8_lossy(r).split_once(':').unwrap().0.to_owned();
+    // Busy all along: a datagram every round trip, until the session is ended for its age.
+    wait_until_async("the session ends for its age", || async {
+        exchange(&socket, address, b"busy").await;
+        proxy.stats().listeners[0].closed["max_duration"] == 1
+    })
+    .await;
+    let next = exchange(&socket, address, b"next").await.expect("a reply from a new session");
+    assert_ne!(port_of(&first), port_of(&next), "a new session, a new upstream socket");
+    assert_eq!(proxy.stats().listeners[0].accepted, 2);
 }

@@ -156,6 +156,16 @@ pub enum Protocol {
     Udp,
 }
 
+impl Protocol {
+    /// As written in configs and Kubernetes objects: `TCP`, `UDP`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        }
+    }
+}
+
 /// Load-balancing algorithm.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum LoadBalancing {
@@ -256,6 +266,11 @@ pub struct Limits {
     /// ejection up to 5m, and resets after a successful connection. Default 5s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ejection_cooldown: Option<ConfigDuration>,
+    /// The longest a connection (or UDP session) may stay open, busy or not; it is then closed
+    /// on both legs (`reason="max_duration"`). Default: no limit. Like Envoy's
+    /// `max_downstream_connection_duration`: it makes long-lived clients move to new backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connection_duration: Option<ConfigDuration>,
     /// With routes: how long to wait for the client's first bytes before using the default
     /// route (a client that sends nothing, e.g. a server-speaks-first protocol, is never
     /// dropped for it). Default 3s.

@@ -152,6 +152,8 @@ pub struct EffectiveLimits {
     pub idle_timeout: ConfigDuration,
     pub ejection_cooldown: ConfigDuration,
     pub probe_timeout: ConfigDuration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connection_duration: Option<ConfigDuration>,
 }
 
 impl Config {
@@ -454,6 +456,10 @@ fn check_limits(path: &str, limits: &schema::Limits, protocol: Protocol) -> Resu
         )?,
         ejection_cooldown: positive("ejectionCooldown", limits.ejection_cooldown, DEFAULT_EJECTION_COOLDOWN)?,
         probe_timeout: positive("probeTimeout", limits.probe_timeout, DEFAULT_PROBE_TIMEOUT)?,
+        max_connection_duration: match limits.max_connection_duration {
+            Some(d) => Some(positive("maxConnectionDuration", Some(d), d)?),
+            None => None,
+        },
     })
 }
 

@@ -1,12 +1,118 @@
-//! Why a connection could not be made or served. Each variant carries the addresses involved,
-//! keeps its `io::Error` source, and has a short [`ConnectionError::label`] for metrics.
+//! The failure taxonomy: why a connection ended ([`CloseReason`], whose labels are the only
+//! reason strings of the connection metrics), what failed ([`ConnectionError`], each variant
+//! mapped to its reason by [`ConnectionError::close_reason`]), and why a UDP datagram was
+//! dropped ([`DropReason`], which names a refused session by its close reason).
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
+/// Why a connection (or UDP session) ended, or was refused before it began.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// Both sides finished sending and both legs closed.
+    #[default]
+    Completed,
+    /// No bytes either way for `idleTimeout`.
+    IdleTimeout,
+    /// Open for `maxConnectionDuration`.
+    MaxDuration,
+    /// The client reset the connection or a read/write on its leg failed.
+    ClientError,
+    /// The backend reset the connection or a read/write on its leg failed.
+    BackendError,
+    /// Cut at the end of the shutdown drain period.
+    Shutdown,
+    /// Every backend tried failed to connect.
+    ConnectFailed,
+    /// No backend was available (all ejected, or all already tried).
+    NoBackend,
+    /// Probing matched no route and the listener has no default backends.
+    NoRoute,
+    /// A trusted peer sent no valid PROXY protocol header.
+    ProxyProtocol,
+    /// A peer outside the trusted PROXY protocol sources.
+    UntrustedSource,
+    /// A UDP session ended by a reload that removed its backend.
+    Evicted,
+    /// Refused on arrival: the listener is at `maxConnections`.
+    Limit,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 13] = [
+        Self::Completed,
+        Self::IdleTimeout,
+        Self::MaxDuration,
+        Self::ClientError,
+        Self::BackendError,
+        Self::Shutdown,
+        Self::ConnectFailed,
+        Self::NoBackend,
+        Self::NoRoute,
+        Self::ProxyProtocol,
+        Self::UntrustedSource,
+        Self::Evicted,
+        Self::Limit,
+    ];
+
+    /// The `reason` label of the connection metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::IdleTimeout => "idle_timeout",
+            Self::MaxDuration => "max_duration",
+            Self::ClientError => "client_error",
+            Self::BackendError => "backend_error",
+            Self::Shutdown => "shutdown",
+            Self::ConnectFailed => "connect_failed",
+            Self::NoBackend => "no_backend",
+            Self::NoRoute => "no_route",
+            Self::ProxyProtocol => "proxy_protocol",
+            Self::UntrustedSource => "untrusted_source",
+            Self::Evicted => "evicted",
+            Self::Limit => "limit",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
+    pub(crate) fn from_index(index: usize) -> Option<Self> {
+        Self::ALL.get(index).copied()
+    }
+}
+
+/// Why a UDP datagram was dropped. Labels are the `reason` of the dropped-datagrams metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// From a new client whose session was refused (at the limit, no route, no backend, ...).
+    Refused(CloseReason),
+    /// The socket towards the backend or the client could not take it (buffer full, error).
+    SendFailed,
+    /// Held while probing a new session, and the probe's datagram bound was reached.
+    ProbeOverflow,
+}
+
+impl DropReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Refused(reason) => reason.label(),
+            Self::SendFailed => "send_failed",
+            Self::ProbeOverflow => "probe_overflow",
+        }
+    }
+}
+
+/// Which leg of a connection failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leg {
+    Client,
+    Backend,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
-    /// The listener (or its pool) is at its limit; the client was refused without touching a
-    /// backend.
+    /// The listener is at its limit; the client was refused without touching a backend.
     #[error("listener {listener}: connection from {src} refused, limit of {max} connections reached")]
     LimitExceeded { listener: Arc<str>, src: SocketAddr, max: usize },
 
@@ -24,23 +130,13 @@ pub enum ConnectionError {
         source: crate::proxy_protocol::ReadError,
     },
 
-    /// A pool already holds an entry for this key (two first packets raced); the first wins.
-    #[error("listener {listener}: {src} already has an entry")]
-    Duplicate { listener: Arc<str>, src: SocketAddr },
+    /// Probing matched no route and the listener has no default backends.
+    #[error("listener {listener}: no route matches what {src} sent, and there is no default route")]
+    NoRoute { listener: Arc<str>, src: SocketAddr },
 
-    /// An operation on a leg did not finish in time.
-    #[error("{src} -> {dst}: {operation} timed out after {after:?}")]
-    Timeout { src: SocketAddr, dst: SocketAddr, operation: &'static str, after: Duration },
-
-    /// An established leg failed.
-    #[error("{src} -> {dst}: connection broken while {operation}")]
-    Broken {
-        src: SocketAddr,
-        dst: SocketAddr,
-        operation: &'static str,
-        #[source]
-        source: io::Error,
-    },
+    /// A backend did not answer a connect in time.
+    #[error("{src} -> {dst}: connect timed out after {after:?}")]
+    ConnectTimeout { src: SocketAddr, dst: SocketAddr, after: Duration },
 
     /// A backend refused or could not be reached.
     #[error("{src} -> {dst}: connect failed")]
@@ -51,33 +147,31 @@ pub enum ConnectionError {
         source: io::Error,
     },
 
-    /// A listening socket could not be bound.
-    #[error("cannot bind {address}")]
-    BindFailed {
-        address: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-
     /// No backend could take the connection: all ejected, failed, or without addresses.
     #[error("listener {listener}: no backend available for {src} after {attempts} attempt(s)")]
     NoBackend { listener: Arc<str>, src: SocketAddr, attempts: u32 },
+
+    /// An established leg failed.
+    #[error("{leg:?} leg broken: {source}")]
+    Broken {
+        leg: Leg,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl ConnectionError {
-    /// Short, fixed label for metrics (`reason="connect_timeout"`).
-    pub fn label(&self) -> &'static str {
+    /// How a connection that fails with this error ends.
+    pub fn close_reason(&self) -> CloseReason {
         match self {
-            Self::LimitExceeded { .. } => "limit",
-            Self::Duplicate { .. } => "duplicate",
-            Self::UntrustedSource { .. } => "untrusted_source",
-            Self::ProxyHeader { .. } => "proxy_protocol",
-            Self::Timeout { operation: "connect", .. } => "connect_timeout",
-            Self::Timeout { .. } => "timeout",
-            Self::Broken { .. } => "broken",
-            Self::ConnectionFailed { .. } => "connect_failed",
-            Self::BindFailed { .. } => "bind_failed",
-            Self::NoBackend { .. } => "no_backend",
+            Self::LimitExceeded { .. } => CloseReason::Limit,
+            Self::UntrustedSource { .. } => CloseReason::UntrustedSource,
+            Self::ProxyHeader { .. } => CloseReason::ProxyProtocol,
+            Self::NoRoute { .. } => CloseReason::NoRoute,
+            Self::ConnectTimeout { .. } | Self::ConnectionFailed { .. } => CloseReason::ConnectFailed,
+            Self::NoBackend { .. } => CloseReason::NoBackend,
+            Self::Broken { leg: Leg::Client, .. } => CloseReason::ClientError,
+            Self::Broken { leg: Leg::Backend, .. } => CloseReason::BackendError,
         }
     }
 }
@@ -92,15 +186,25 @@ mod tests {
     }
 
     #[test]
-    fn connection_error_labels_are_short_and_fixed() {
+    fn connection_errors_map_to_their_close_reasons() {
         let src = addr("127.0.0.1:1000");
         let dst = addr("127.0.0.1:2000");
-        let timeout = ConnectionError::Timeout { src, dst, operation: "connect", after: Duration::from_secs(1) };
-        assert_eq!(timeout.label(), "connect_timeout");
+        let timeout = ConnectionError::ConnectTimeout { src, dst, after: Duration::from_secs(1) };
+        assert_eq!(timeout.close_reason(), CloseReason::ConnectFailed);
         let limit = ConnectionError::LimitExceeded { listener: "web".into(), src, max: 3 };
-        assert_eq!(limit.label(), "limit");
-        let refused = ConnectionError::ConnectionFailed { src, dst, source: io::ErrorKind::ConnectionRefused.into() };
-        assert_eq!(refused.label(), "connect_failed");
+        assert_eq!(limit.close_reason().label(), "limit");
+        let reset = ConnectionError::Broken { leg: Leg::Backend, source: io::ErrorKind::ConnectionReset.into() };
+        assert_eq!(reset.close_reason(), CloseReason::BackendError);
+        assert_eq!(DropReason::Refused(limit.close_reason()).label(), "limit");
+    }
+
+    #[test]
+    fn close_reasons_round_trip_through_their_index_and_have_distinct_labels() {
+        let labels: std::collections::HashSet<_> = CloseReason::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(labels.len(), CloseReason::ALL.len());
+        for reason in CloseReason::ALL {
+            assert_eq!(CloseReason::from_index(reason.index()), Some(reason));
+        }
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Connection management: the [`ConnectionManager`] contract, what every connection carries
-//! ([`ConnectionContext`]), what it measured ([`ConnectionMetrics`]) and how it failed
-//! ([`ConnectionError`]).
+//! ([`ConnectionContext`]), what it measured ([`ConnectionMetrics`], which [`record`] turns into
+//! metrics and the access-log line), how it failed ([`ConnectionError`]), and the pool and
+//! admission that bound connections and sessions ([`pool`]).
 
 mod error;
+pub mod pool;
 mod pump;
 mod settings;
 mod tcp;
@@ -19,26 +21,34 @@ use std::{
 };
 
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
-pub use error::ConnectionError;
+pub use error::{CloseReason, ConnectionError, DropReason, Leg};
+pub use pool::{Admission, ConnectionPool, DashMapConnectionPool, PoolEntry, PoolStats, Slot};
 pub use pump::COPY_BUFFER_SIZE;
 pub use settings::ListenerSettings;
 pub use tcp::{TcpConnection, TcpConnectionManager};
-pub use udp::{MAX_PROBE_DATAGRAMS, UdpConnection, UdpConnectionInfo, UdpConnectionManager, UdpSessionTask};
+pub use udp::{UdpClient, UdpConnection, UdpConnectionInfo, UdpConnectionManager};
+
+use crate::{
+    config::{ListenerConfig, Protocol},
+    metrics::{ListenerMetrics, Metrics},
+};
 
 /// Creates and serves the connections of one listener, within its limits.
 ///
-/// `create_connection` is the admission step (cheap, synchronous: the limit is checked here and a
-/// slot is held by the returned connection until it is dropped); `handle_connection` does the
-/// work and resolves when both legs are closed.
+/// `create_connection` is the admission step (cheap, synchronous: the limit is checked here,
+/// and a slot is held by the returned connection until it is dropped); `handle_connection` does
+/// the work, resolves when the connection is over, and reports what it measured, failure
+/// included: the caller hands that to [`record`].
 pub trait ConnectionManager: Send + Sync {
-    /// What the listener hands over for a new client.
+    /// What the listener knows of a new client when it asks for a connection.
     type Client;
     /// An admitted connection, holding its slot.
-    type Connection: Send;
+    type Connection: Admitted;
 
     /// Admits a client from `source` that reached the listener at `destination`, or refuses it
-    /// with [`ConnectionError::LimitExceeded`].
+    /// ([`ConnectionError::LimitExceeded`], or why no backend can take it).
     fn create_connection(
         &self,
         client: Self::Client,
@@ -47,10 +57,7 @@ pub trait ConnectionManager: Send + Sync {
     ) -> Result<Self::Connection, ConnectionError>;
 
     /// Serves an admitted connection to its end.
-    fn handle_connection(
-        &self,
-        connection: Self::Connection,
-    ) -> impl Future<Output = Result<ConnectionMetrics, ConnectionError>> + Send;
+    fn handle_connection(&self, connection: Self::Connection) -> impl Future<Output = ConnectionMetrics> + Send;
 
     /// Connections admitted and not yet finished.
     fn connection_count(&self) -> usize;
@@ -64,6 +71,35 @@ pub trait ConnectionManager: Send + Sync {
     }
 }
 
+/// What every admitted connection tells about itself.
+pub trait Admitted: Send {
+    fn context(&self) -> &ConnectionContext;
+    /// The listener settings it was admitted with (and keeps through reloads).
+    fn settings(&self) -> &Arc<ListenerSettings>;
+}
+
+impl<T: Admitted + Sync> Admitted for Arc<T> {
+    fn context(&self) -> &ConnectionContext {
+        (**self).context()
+    }
+
+    fn settings(&self) -> &Arc<ListenerSettings> {
+        (**self).settings()
+    }
+}
+
+/// What the server holds of a running listener, whatever its protocol.
+pub trait ListenerManager: Send + Sync {
+    /// The settings new connections get.
+    fn settings(&self) -> Arc<ListenerSettings>;
+    /// Applies a reloaded listener config to new connections; open ones keep theirs.
+    fn update(&self, config: ListenerConfig, metrics: &Metrics);
+    /// Open connections (TCP) or sessions (UDP) as a pool.
+    fn pool_stats(&self) -> PoolStats;
+    /// At shutdown, ends what does not end by itself (UDP sessions); TCP connections drain.
+    fn close_all(&self) {}
+}
+
 /// Identity and origin of one connection.
 #[derive(Clone, Debug)]
 pub struct ConnectionContext {
@@ -75,6 +111,7 @@ pub struct ConnectionContext {
     pub destination: SocketAddr,
     /// The listener that admitted it.
     pub listener: Arc<str>,
+    pub protocol: Protocol,
     /// When it was admitted (monotonic).
     pub started: Instant,
     /// When it was admitted (wall clock, for logs).
@@ -82,109 +119,16 @@ pub struct ConnectionContext {
 }
 
 impl ConnectionContext {
-    pub fn new(listener: Arc<str>, source: SocketAddr, destination: SocketAddr) -> Self {
+    pub fn new(listener: Arc<str>, protocol: Protocol, source: SocketAddr, destination: SocketAddr) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             source,
             destination,
             listener,
+            protocol,
             started: Instant::now(),
             started_at: SystemTime::now(),
-        }
-    }
-}
-
-/// Why a connection ended. Labels are the `reason` of the closed-connections metric.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum CloseReason {
-    /// Both sides finished sending and both legs closed.
-    #[default]
-    Completed,
-    /// No bytes either way for `idleTimeout`.
-    IdleTimeout,
-    /// The client reset the connection or a read/write on its leg failed.
-    ClientError,
-    /// The backend reset the connection or a read/write on its leg failed.
-    BackendError,
-    /// Cut at the end of the shutdown drain period.
-    Shutdown,
-    /// Every backend tried failed to connect.
-    ConnectFailed,
-    /// No backend was available (all ejected, or all already tried).
-    NoBackend,
-    /// Probing matched no route and the listener has no default backends.
-    NoRoute,
-    /// A trusted peer sent no valid PROXY protocol header.
-    ProxyProtocol,
-    /// A peer outside the trusted PROXY protocol sources.
-    UntrustedSource,
-    /// A UDP session ended by a reload that removed its backend.
-    Evicted,
-}
-
-impl CloseReason {
-    pub const ALL: [CloseReason; 11] = [
-        Self::Completed,
-        Self::IdleTimeout,
-        Self::ClientError,
-        Self::BackendError,
-        Self::Shutdown,
-        Self::ConnectFailed,
-        Self::NoBackend,
-        Self::NoRoute,
-        Self::ProxyProtocol,
-        Self::UntrustedSource,
-        Self::Evicted,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Completed => "completed",
-            Self::IdleTimeout => "idle_timeout",
-            Self::ClientError => "client_error",
-            Self::BackendError => "backend_error",
-            Self::Shutdown => "shutdown",
-            Self::ConnectFailed => "connect_failed",
-            Self::NoBackend => "no_backend",
-            Self::NoRoute => "no_route",
-            Self::ProxyProtocol => "proxy_protocol",
-            Self::UntrustedSource => "untrusted_source",
-            Self::Evicted => "evicted",
-        }
-    }
-
-    pub(crate) fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// Why a UDP datagram was dropped. Labels are the `reason` of the dropped-datagrams metric.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DropReason {
-    /// A new client beyond `maxConnections` sessions.
-    Limit,
-    /// No backend available for a new session.
-    NoBackend,
-    /// Probing matched no route and there is no default route.
-    NoRoute,
-    /// The socket towards the backend or the client could not take it (buffer full, error).
-    SendFailed,
-    /// Held while probing a new session, and the probe's datagram bound was reached.
-    ProbeOverflow,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 5] =
-        [Self::Limit, Self::NoBackend, Self::NoRoute, Self::SendFailed, Self::ProbeOverflow];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Limit => "limit",
-            Self::NoBackend => "no_backend",
-            Self::NoRoute => "no_route",
-            Self::SendFailed => "send_failed",
-            Self::ProbeOverflow => "probe_overflow",
         }
     }
 }
@@ -202,15 +146,30 @@ pub struct Lifecycle {
     pub closed: Option<Duration>,
 }
 
-/// What one connection measured.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Datagrams a UDP session relayed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Datagrams {
+    /// From the client (and sent to the backend).
+    pub received: u64,
+    /// From the backend (and sent to the client).
+    pub sent: u64,
+}
+
+/// What one connection measured, and how it ended.
+#[derive(Debug)]
 pub struct ConnectionMetrics {
+    /// Whose: with a PROXY protocol header, `source` and `destination` are the ones it carried.
+    pub context: ConnectionContext,
+    /// The backend as configured (its identity in metrics and health).
+    pub backend_name: Option<Arc<str>>,
     /// The backend address the connection went to.
     pub backend: Option<SocketAddr>,
     /// Bytes read from the client (and sent to the backend).
     pub bytes_received: u64,
     /// Bytes read from the backend (and sent to the client).
     pub bytes_sent: u64,
+    /// UDP sessions only.
+    pub datagrams: Option<Datagrams>,
     /// Time to establish the backend leg, failed attempts included.
     pub connect_time: Option<Duration>,
     /// Backend connect attempts made.
@@ -219,4 +178,79 @@ pub struct ConnectionMetrics {
     pub lifetime: Duration,
     pub lifecycle: Lifecycle,
     pub close_reason: CloseReason,
+    /// What failed, when something did; its [`ConnectionError::close_reason`] is `close_reason`.
+    pub error: Option<ConnectionError>,
+}
+
+impl ConnectionMetrics {
+    /// Nothing measured yet.
+    pub(crate) fn new(context: ConnectionContext) -> Self {
+        Self {
+            context,
+            backend_name: None,
+            backend: None,
+            bytes_received: 0,
+            bytes_sent: 0,
+            datagrams: None,
+            connect_time: None,
+            connect_attempts: 0,
+            lifetime: Duration::ZERO,
+            lifecycle: Lifecycle::default(),
+            close_reason: CloseReason::Completed,
+            error: None,
+        }
+    }
+
+    /// A connection that failed before any byte was relayed.
+    pub(crate) fn failed(context: ConnectionContext, error: ConnectionError) -> Self {
+        let mut metrics = Self::new(context);
+        metrics.close_reason = error.close_reason();
+        metrics.error = Some(error);
+        metrics.close();
+        metrics
+    }
+
+    /// Marks the end, now.
+    pub(crate) fn close(&mut self) {
+        self.lifetime = self.context.started.elapsed();
+        self.lifecycle.closed = Some(self.lifetime);
+    }
+}
+
+/// Records how a connection ended: its close reason and lifetime in its listener's metrics,
+/// and one access-log line.
+pub fn record(listener: &ListenerMetrics, metrics: &ConnectionMetrics) {
+    let context = &metrics.context;
+    listener.closed(metrics.close_reason).inc();
+    listener.duration.observe(metrics.lifetime.as_secs_f64());
+    tracing::info!(
+        target: "l4proxy::access",
+        connection = context.id,
+        listener = %context.listener,
+        protocol = context.protocol.label(),
+        source = %context.source,
+        backend = metrics.backend_name.as_deref().unwrap_or("-"),
+        backend_address = metrics.backend.map(tracing::field::display),
+        bytes_received = metrics.bytes_received,
+        bytes_sent = metrics.bytes_sent,
+        datagrams_received = metrics.datagrams.map(|d| d.received),
+        datagrams_sent = metrics.datagrams.map(|d| d.sent),
+        duration_ms = metrics.lifetime.as_millis() as u64,
+        reason = metrics.close_reason.label(),
+        error = metrics.error.as_ref().map(tracing::field::display),
+        "connection closed"
+    );
+}
+
+/// Serves an admitted connection on `tracker`, and records how it ended.
+pub fn serve<M>(tracker: &TaskTracker, manager: Arc<M>, connection: M::Connection)
+where
+    M: ConnectionManager + 'static,
+    M::Connection: 'static,
+{
+    let settings = connection.settings().clone();
+    tracker.spawn(async move {
+        let metrics = manager.handle_connection(connection).await;
+        record(&settings.metrics, &metrics);
+    });
 }

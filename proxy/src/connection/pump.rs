@@ -21,7 +21,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::{io::Interest, net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::CloseReason;
+use super::{CloseReason, ConnectionError, Leg};
 
 /// Size of the per-thread read buffer: the most one read moves.
 pub const COPY_BUFFER_SIZE: usize = 64 * 1024;
@@ -35,8 +35,8 @@ thread_local! {
 #[derive(Debug, Default)]
 pub(crate) struct PumpOutcome {
     pub reason: CloseReason,
-    /// The socket error behind a `ClientError` or `BackendError`.
-    pub error: Option<io::Error>,
+    /// The leg failure behind a `ClientError` or `BackendError`.
+    pub error: Option<ConnectionError>,
     /// Client to backend.
     pub bytes_up: u64,
     /// Backend to client.
@@ -180,16 +180,27 @@ fn read_drained(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Copies until both directions have finished (`client_finished`: the client already sent EOF), a leg fails, the connection is idle for `idle`,
-/// or `cut` is cancelled. Dropping the streams afterwards closes both legs.
+/// How long a copy may run.
+pub(crate) struct Bounds<'a> {
+    /// No bytes either way for this long ends it.
+    pub idle: Duration,
+    /// It ends at this moment however busy (`maxConnectionDuration`).
+    pub deadline: Option<Instant>,
+    /// Cancelled: cut now (end of the shutdown drain).
+    pub cut: &'a CancellationToken,
+}
+
+/// Copies until both directions have finished (`client_finished`: the client already sent
+/// EOF), a leg fails, or a bound in `bounds` is reached. Dropping the streams afterwards closes
+/// both legs.
 pub(crate) async fn pump(
     client: &TcpStream,
     backend: &TcpStream,
     client_finished: bool,
-    idle: Duration,
-    cut: &CancellationToken,
+    bounds: Bounds<'_>,
     counters: ByteCounters<'_>,
 ) -> PumpOutcome {
+    let Bounds { idle, deadline, cut } = bounds;
     let mut up = Half::default();
     if client_finished {
         // The client ended while its first bytes were probed: pass the half-close on first.
@@ -200,10 +211,20 @@ pub(crate) async fn pump(
     let mut last_activity = Instant::now();
     let mut idle_timer = pin!(tokio::time::sleep_until(last_activity + idle));
     let mut cancelled = pin!(cut.cancelled());
+    // Without a maximum duration no timer is registered at all.
+    let mut lifetime = pin!(async {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    });
 
     let (reason, error) = poll_fn(|cx| {
         if cancelled.as_mut().poll(cx).is_ready() {
             return Poll::Ready((CloseReason::Shutdown, None));
+        }
+        if lifetime.as_mut().poll(cx).is_ready() {
+            return Poll::Ready((CloseReason::MaxDuration, None));
         }
         loop {
             let mut progressed = false;
@@ -213,8 +234,8 @@ pub(crate) async fn pump(
                         counters.up.inc_by(n as u64);
                         progressed = true;
                     }
-                    Poll::Ready(Err(Failure::Read(e))) => return Poll::Ready((CloseReason::ClientError, Some(e))),
-                    Poll::Ready(Err(Failure::Write(e))) => return Poll::Ready((CloseReason::BackendError, Some(e))),
+                    Poll::Ready(Err(Failure::Read(e))) => return Poll::Ready(broken(Leg::Client, e)),
+                    Poll::Ready(Err(Failure::Write(e))) => return Poll::Ready(broken(Leg::Backend, e)),
                     Poll::Pending => {}
                 }
             }
@@ -224,8 +245,8 @@ pub(crate) async fn pump(
                         counters.down.inc_by(n as u64);
                         progressed = true;
                     }
-                    Poll::Ready(Err(Failure::Read(e))) => return Poll::Ready((CloseReason::BackendError, Some(e))),
-                    Poll::Ready(Err(Failure::Write(e))) => return Poll::Ready((CloseReason::ClientError, Some(e))),
+                    Poll::Ready(Err(Failure::Read(e))) => return Poll::Ready(broken(Leg::Backend, e)),
+                    Poll::Ready(Err(Failure::Write(e))) => return Poll::Ready(broken(Leg::Client, e)),
                     Poll::Pending => {}
                 }
             }
@@ -260,4 +281,9 @@ pub(crate) async fn pump(
         client_finished: up.finished_at,
         backend_finished: down.finished_at,
     }
+}
+
+fn broken(leg: Leg, source: io::Error) -> (CloseReason, Option<ConnectionError>) {
+    let error = ConnectionError::Broken { leg, source };
+    (error.close_reason(), Some(error))
 }

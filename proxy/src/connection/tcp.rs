@@ -1,28 +1,22 @@
 //! The TCP connection manager: admission against `maxConnections`, backend connect with
 //! failover, the two-way copy, and what each connection reports when it ends.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::ListenerSettings;
 use super::{
-    CloseReason, ConnectionContext, ConnectionError, ConnectionManager, ConnectionMetrics,
-    pump::{ByteCounters, PumpOutcome, pump},
+    Admitted, CloseReason, ConnectionContext, ConnectionError, ConnectionManager, ConnectionMetrics, Leg,
+    ListenerManager, ListenerSettings,
+    pool::{Admission, PoolStats, Slot},
+    pump::{Bounds, ByteCounters, pump},
 };
 use crate::{
     backend::Connected,
-    config::ListenerConfig,
-    metrics::Metrics,
+    config::{ListenerConfig, Protocol},
+    metrics::{Metrics, Open},
     probe::{MAX_TCP_PROBE_BYTES, TcpProbe, probe_tcp},
     proxy_protocol,
     routing::Probed,
@@ -31,80 +25,54 @@ use crate::{
 /// Serves the connections of one TCP listening socket.
 pub struct TcpConnectionManager {
     settings: ArcSwap<ListenerSettings>,
-    slots: Arc<Slots>,
+    admission: Arc<Admission>,
     /// Cancelled at the end of the shutdown drain: cuts connections still open.
     cut: CancellationToken,
 }
 
-/// An admitted TCP connection: the client socket, its context and its slot under the limit.
+/// An admitted TCP connection: the client socket, its context and its place under the limit.
 pub struct TcpConnection {
     pub context: ConnectionContext,
     client: TcpStream,
     settings: Arc<ListenerSettings>,
     _slot: Slot,
+    _open: Open,
 }
 
-/// A place under `maxConnections`, given back on drop however the connection ends.
-struct Slot {
-    slots: Arc<Slots>,
-    /// Admission time, milliseconds since `Slots::epoch`.
-    admitted: u64,
-    gauge: prometheus_client::metrics::gauge::Gauge,
-}
+impl Admitted for TcpConnection {
+    fn context(&self) -> &ConnectionContext {
+        &self.context
+    }
 
-/// Open connections of a manager, shared with their slots.
-struct Slots {
-    active: AtomicUsize,
-    /// Sum of the open connections' admission times, for their average age in O(1).
-    admitted_sum: AtomicU64,
-    epoch: Instant,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.slots.active.fetch_sub(1, Ordering::AcqRel);
-        self.slots.admitted_sum.fetch_sub(self.admitted, Ordering::Relaxed);
-        self.gauge.dec();
+    fn settings(&self) -> &Arc<ListenerSettings> {
+        &self.settings
     }
 }
 
 impl TcpConnectionManager {
     pub fn new(settings: ListenerSettings, cut: CancellationToken) -> Self {
-        let slots =
-            Arc::new(Slots { active: AtomicUsize::new(0), admitted_sum: AtomicU64::new(0), epoch: Instant::now() });
-        Self { settings: ArcSwap::from_pointee(settings), slots, cut }
+        let admission = Admission::new(settings.limits().max_connections as usize);
+        Self { settings: ArcSwap::from_pointee(settings), admission, cut }
     }
+}
 
-    /// The settings new connections get.
-    pub fn settings(&self) -> Arc<ListenerSettings> {
+impl ListenerManager for TcpConnectionManager {
+    fn settings(&self) -> Arc<ListenerSettings> {
         self.settings.load_full()
     }
 
-    /// Applies a reloaded listener config to new connections; open ones keep theirs.
-    pub fn update(&self, config: ListenerConfig, metrics: &Metrics) {
+    fn update(&self, config: ListenerConfig, metrics: &Metrics) {
         let next = ListenerSettings::new(config, Some(&self.settings.load()), metrics);
+        self.admission.set_max(next.limits().max_connections as usize);
         self.settings.store(Arc::new(next));
     }
 
     /// Open connections as a pool: entries are connections, expired ones are those closed for
-    /// idleness, evictions those cut at shutdown.
-    pub fn pool_stats(&self) -> crate::pool::PoolStats {
-        let settings = self.settings.load();
-        let size = self.connection_count();
-        let now = self.slots.epoch.elapsed().as_millis() as f64;
-        let sum = self.slots.admitted_sum.load(Ordering::Relaxed) as f64;
-        crate::pool::PoolStats {
-            size,
-            max_size: self.max_connections(),
-            expired_count: settings.metrics.closed(CloseReason::IdleTimeout).get(),
-            average_age_seconds: if size == 0 { 0.0 } else { (now - sum / size as f64).max(0.0) / 1000.0 },
-            rejected_inserts: settings.metrics.rejected_limit.get(),
-            evictions: settings.metrics.closed(CloseReason::Shutdown).get(),
-        }
-    }
-
-    fn try_take_slot(&self, max: usize) -> bool {
-        self.slots.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+    /// idleness or age, evictions those cut at shutdown.
+    fn pool_stats(&self) -> PoolStats {
+        let m = &self.settings.load().metrics;
+        let expired = m.closed(CloseReason::IdleTimeout).get() + m.closed(CloseReason::MaxDuration).get();
+        self.admission.stats(expired, m.closed(CloseReason::Shutdown).get())
     }
 }
 
@@ -119,35 +87,26 @@ impl ConnectionManager for TcpConnectionManager {
         destination: SocketAddr,
     ) -> Result<TcpConnection, ConnectionError> {
         let settings = self.settings.load_full();
-        let max = settings.limits().max_connections as usize;
-        if !self.try_take_slot(max) {
+        let Some(slot) = self.admission.admit() else {
             settings.metrics.rejected_limit.inc();
+            let max = self.admission.max();
             return Err(ConnectionError::LimitExceeded { listener: settings.name.clone(), src: source, max });
-        }
+        };
         settings.metrics.accepted.inc();
-        settings.metrics.active.inc();
-        let admitted = self.slots.epoch.elapsed().as_millis() as u64;
-        self.slots.admitted_sum.fetch_add(admitted, Ordering::Relaxed);
-        let slot = Slot { slots: self.slots.clone(), admitted, gauge: settings.metrics.active.clone() };
-        let context = ConnectionContext::new(settings.name.clone(), source, destination);
-        Ok(TcpConnection { context, client, settings, _slot: slot })
+        let context = ConnectionContext::new(settings.name.clone(), Protocol::Tcp, source, destination);
+        let open = Open::new(&settings.metrics.active);
+        Ok(TcpConnection { context, client, settings, _slot: slot, _open: open })
     }
 
-    async fn handle_connection(&self, connection: TcpConnection) -> Result<ConnectionMetrics, ConnectionError> {
-        let TcpConnection { mut context, client, settings, _slot } = connection;
+    async fn handle_connection(&self, connection: TcpConnection) -> ConnectionMetrics {
+        let TcpConnection { mut context, client, settings, _slot, _open } = connection;
         let limits = *settings.limits();
-        let mut metrics = ConnectionMetrics::default();
-        let fail = |context: &ConnectionContext, metrics: &mut ConnectionMetrics, reason, error: ConnectionError| {
-            metrics.close_reason = reason;
-            finish(context, &settings, metrics, None, Some(&error as &dyn std::error::Error));
-            Err(error)
-        };
 
         if let Some(trusted) = &settings.config.accept_proxy_protocol {
             match accept_proxy_header(&client, &context, trusted, limits.probe_timeout.get()).await {
                 Ok(Some((source, destination))) => (context.source, context.destination) = (source, destination),
                 Ok(None) => {}
-                Err((reason, error)) => return fail(&context, &mut metrics, reason, error),
+                Err(error) => return ConnectionMetrics::failed(context, error),
             }
         }
 
@@ -157,11 +116,9 @@ impl ConnectionManager for TcpConnectionManager {
         let backends = if settings.probes() {
             let probe = read_probe(&client, &mut early, limits.probe_timeout.get()).await;
             client_finished = probe.client_finished;
-            let probed = probe.routing_view();
-            let Some(backends) = settings.route(&probed) else {
-                let error =
-                    ConnectionError::NoBackend { listener: context.listener.clone(), src: context.source, attempts: 0 };
-                return fail(&context, &mut metrics, CloseReason::NoRoute, error);
+            let Some(backends) = settings.route(&probe.routing_view()) else {
+                let error = ConnectionError::NoRoute { listener: context.listener.clone(), src: context.source };
+                return ConnectionMetrics::failed(context, error);
             };
             backends
         } else {
@@ -171,16 +128,13 @@ impl ConnectionManager for TcpConnectionManager {
         let connected = backends.connect(&context, limits.connect_timeout.get(), limits.ejection_cooldown.get()).await;
         let Connected { stream: mut backend, address, lease, attempts, proxy_protocol } = match connected {
             Ok(connected) => connected,
-            Err(error) => {
-                let reason = match error {
-                    ConnectionError::NoBackend { .. } => CloseReason::NoBackend,
-                    _ => CloseReason::ConnectFailed,
-                };
-                return fail(&context, &mut metrics, reason, error);
-            }
+            Err(error) => return ConnectionMetrics::failed(context, error),
         };
         let connect_time = context.started.elapsed();
         settings.metrics.connect_time.observe(connect_time.as_secs_f64());
+        let deadline = limits.max_connection_duration.map(|d| context.started + d.get());
+        let mut metrics = ConnectionMetrics::new(context);
+        metrics.backend_name = Some(lease.backend().address().clone());
         metrics.backend = Some(address);
         metrics.connect_attempts = attempts;
         metrics.connect_time = Some(connect_time);
@@ -191,37 +145,41 @@ impl ConnectionManager for TcpConnectionManager {
         let _ = backend.set_nodelay(true);
 
         if let Some(version) = proxy_protocol {
+            let context = &metrics.context;
             let mut prefix = Vec::with_capacity(proxy_protocol::MAX_HEADER_LEN + early.len());
             proxy_protocol::write_header(version.into(), context.source, context.destination, &mut prefix);
             prefix.extend_from_slice(&early);
             early = prefix;
         }
-        let outcome = if let Err(error) = send_early(&mut backend, &early, limits.idle_timeout.get()).await {
-            PumpOutcome { reason: CloseReason::BackendError, error: Some(error), ..Default::default() }
+        let outcome = if let Err(source) = send_early(&mut backend, &early, limits.idle_timeout.get()).await {
+            let error = ConnectionError::Broken { leg: Leg::Backend, source };
+            super::pump::PumpOutcome { reason: error.close_reason(), error: Some(error), ..Default::default() }
         } else {
             drop(early);
             let counters = ByteCounters { up: &settings.metrics.bytes_received, down: &settings.metrics.bytes_sent };
-            pump(&client, &backend, client_finished, limits.idle_timeout.get(), &self.cut, counters).await
+            let bounds = Bounds { idle: limits.idle_timeout.get(), deadline, cut: &self.cut };
+            pump(&client, &backend, client_finished, bounds, counters).await
         };
-        drop((client, backend));
+        drop((client, backend, lease));
 
-        let since_start = |at: Option<Instant>| at.map(|t| t.saturating_duration_since(context.started));
+        let started = metrics.context.started;
+        let since_start = |at: Option<Instant>| at.map(|t| t.saturating_duration_since(started));
         metrics.bytes_received = outcome.bytes_up;
         metrics.bytes_sent = outcome.bytes_down;
         metrics.lifecycle.client_finished = since_start(outcome.client_finished);
         metrics.lifecycle.backend_finished = since_start(outcome.backend_finished);
         metrics.close_reason = outcome.reason;
-        let error = outcome.error.as_ref().map(|e| e as &dyn std::error::Error);
-        finish(&context, &settings, &mut metrics, Some(lease.backend().address()), error);
-        Ok(metrics)
+        metrics.error = outcome.error;
+        metrics.close();
+        metrics
     }
 
     fn connection_count(&self) -> usize {
-        self.slots.active.load(Ordering::Acquire)
+        self.admission.occupied()
     }
 
     fn max_connections(&self) -> usize {
-        self.settings.load().limits().max_connections as usize
+        self.admission.max()
     }
 }
 
@@ -232,21 +190,17 @@ async fn accept_proxy_header(
     context: &ConnectionContext,
     trusted: &[ipnet::IpNet],
     timeout: Duration,
-) -> Result<Option<(SocketAddr, SocketAddr)>, (CloseReason, ConnectionError)> {
+) -> Result<Option<(SocketAddr, SocketAddr)>, ConnectionError> {
     let peer = context.source;
     if !trusted.iter().any(|net| net.contains(&peer.ip())) {
-        let error = ConnectionError::UntrustedSource { listener: context.listener.clone(), src: peer };
-        return Err((CloseReason::UntrustedSource, error));
+        return Err(ConnectionError::UntrustedSource { listener: context.listener.clone(), src: peer });
     }
     match proxy_protocol::read_header(client, timeout).await {
         Ok(header) => Ok(match header.addresses {
             proxy_protocol::Addresses::Proxied { source, destination } => Some((source, destination)),
             proxy_protocol::Addresses::Local => None,
         }),
-        Err(error) => {
-            let error = ConnectionError::ProxyHeader { listener: context.listener.clone(), src: peer, source: error };
-            Err((CloseReason::ProxyProtocol, error))
-        }
+        Err(source) => Err(ConnectionError::ProxyHeader { listener: context.listener.clone(), src: peer, source }),
     }
 }
 
@@ -311,34 +265,6 @@ async fn send_early(backend: &mut TcpStream, early: &[u8], idle: Duration) -> st
     }
 }
 
-/// Records the end of a connection: lifetime, close reason, and one access-log line.
-fn finish(
-    context: &ConnectionContext,
-    settings: &ListenerSettings,
-    metrics: &mut ConnectionMetrics,
-    backend: Option<&str>,
-    error: Option<&dyn std::error::Error>,
-) {
-    metrics.lifetime = context.started.elapsed();
-    metrics.lifecycle.closed = Some(metrics.lifetime);
-    settings.metrics.closed(metrics.close_reason).inc();
-    settings.metrics.duration.observe(metrics.lifetime.as_secs_f64());
-    tracing::info!(
-        target: "l4proxy::access",
-        connection = context.id,
-        listener = %context.listener,
-        source = %context.source,
-        backend = backend.unwrap_or("-"),
-        backend_address = metrics.backend.map(tracing::field::display),
-        bytes_received = metrics.bytes_received,
-        bytes_sent = metrics.bytes_sent,
-        duration_ms = metrics.lifetime.as_millis() as u64,
-        reason = metrics.close_reason.label(),
-        error = error.map(tracing::field::display),
-        "connection closed"
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,7 +305,7 @@ mod tests {
         assert!(!manager.can_accept_connection());
         let (_c, s, peer) = accepted_pair(&front).await;
         let err = manager.create_connection(s, peer, local).err().expect("over the limit");
-        assert_eq!(err.label(), "limit");
+        assert_eq!(err.close_reason(), CloseReason::Limit);
         assert!(err.to_string().contains(&peer.to_string()), "{err}");
         drop(admitted.pop());
         assert_eq!(manager.connection_count(), 1);
@@ -437,7 +363,8 @@ mod tests {
         let mut reply = Vec::new();
         client.read_to_end(&mut reply).await.unwrap();
         assert_eq!(reply, b"reply of 17 bytes");
-        let metrics = handled.await.unwrap().unwrap();
+        let metrics = handled.await.unwrap();
+        assert!(metrics.error.is_none(), "{:?}", metrics.error);
         assert_eq!(metrics.backend, Some(backend));
         assert_eq!((metrics.bytes_received, metrics.bytes_sent), (5, 17));
         assert_eq!(metrics.close_reason, CloseReason::Completed);
@@ -454,8 +381,9 @@ mod tests {
         let (manager, _metrics) = manager(1, dead).await;
         let (_client, server, peer) = accepted_pair(&front).await;
         let connection = manager.create_connection(server, peer, front.local_addr().unwrap()).unwrap();
-        let err = manager.handle_connection(connection).await.unwrap_err();
-        assert_eq!(err.label(), "connect_failed");
+        let metrics = manager.handle_connection(connection).await;
+        assert_eq!(metrics.close_reason, CloseReason::ConnectFailed);
+        let err = metrics.error.expect("the connect error");
         assert!(err.to_string().contains(&dead.to_string()), "{err}");
         assert_eq!(manager.connection_count(), 0, "the slot is freed on failure");
     }

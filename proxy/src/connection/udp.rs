@@ -1,11 +1,15 @@
 //! The UDP connection manager: sessions keyed by (client, local address) in a
 //! [`DashMapConnectionPool`], each with its own connected socket towards its backend, replies
-//! sent from the address the client wrote to, bounded by `maxConnections` and expired by
-//! `idleTimeout`.
+//! sent from the address the client wrote to, bounded by `maxConnections`, expired by
+//! `idleTimeout` and `maxConnectionDuration`.
 //!
 //! Per-datagram path: one pool lookup (an atomic store marks the session used) and one send;
 //! no allocation, no log line. The listener reads in batches (recvmmsg, and GRO where the
 //! kernel has it) through `quinn-udp`, which also reports the local address of each datagram.
+//!
+//! A new client takes its place under the limit on its first datagram: at once when the
+//! listener has no routes, or when probing starts (the place is held while its first datagrams
+//! are probed, and handed to [`ConnectionManager::create_connection`] with what was found).
 
 use std::{
     cell::RefCell,
@@ -13,25 +17,27 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
+use dashmap::{DashMap, mapref::entry::Entry};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use tokio::{io::Interest, net::UdpSocket, sync::Notify};
-use tokio_util::sync::CancellationToken;
+use tokio::{io::Interest, net::UdpSocket, sync::Notify, time::Instant};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    CloseReason, ConnectionContext, ConnectionError, ConnectionManager, ConnectionMetrics, DropReason, ListenerSettings,
+    Admitted, CloseReason, ConnectionContext, ConnectionError, ConnectionManager, ConnectionMetrics, Datagrams,
+    DropReason, ListenerManager, ListenerSettings,
+    pool::{ConnectionPool, DashMapConnectionPool, Expired, Expiry, PoolStats, Slot},
 };
 use crate::{
-    backend::{BackendLease, BackendSet},
-    config::{ListenerConfig, ProxyProtocolVersion, RouteProtocol},
-    metrics::Metrics,
-    pool::{ConnectionPool, DashMapConnectionPool, Expiry, PoolStats, SessionKey},
-    probe::{QuicInitialProbe, UdpProbe, is_wireguard_initiation},
+    backend::BackendLease,
+    config::{ListenerConfig, Protocol, ProxyProtocolVersion},
+    metrics::{Metrics, Open},
+    probe::{MAX_QUIC_PROBE_DATAGRAMS, ProbeInfo, QuicInitialProbe, UdpProbe, UdpProbedProtocol},
     proxy_protocol,
     routing::Probed,
 };
@@ -42,8 +48,9 @@ const RECV_BATCH: usize = 8;
 const MAX_DATAGRAM: usize = 65_535;
 /// Replies relayed per session wakeup before yielding to other sessions.
 const REPLY_BATCH: usize = 32;
-/// Datagrams held per session while probing decides its route.
-pub const MAX_PROBE_DATAGRAMS: usize = 4;
+
+/// The key of a UDP session: the client, and the local address it sent to.
+pub type SessionKey = (SocketAddr, SocketAddr);
 
 thread_local! {
     // Used only inside one synchronous receive-then-send step, never across an await.
@@ -58,44 +65,63 @@ pub struct UdpConnectionInfo {
     pub backend: SocketAddr,
 }
 
-/// What a session shares with its reply task: identity and counters for the access-log line
-/// at its end, and the signal that it ended. One allocation per session, kept small: 100,000
-/// sessions is an ordinary load.
-struct SessionShared {
+/// What is known of a new UDP client when its session is created.
+#[derive(Debug, Default)]
+pub struct UdpClient {
+    /// What probing its first datagrams found; `None`: nothing (or the listener has no routes).
+    pub probed: Option<(UdpProbedProtocol, ProbeInfo)>,
+    /// Its place under the limit, taken when probing began; `None`: take one now.
+    pub slot: Option<Slot>,
+}
+
+/// A UDP session: held by the pool, and by its reply task until the session ends. One
+/// allocation per session, kept small: 100,000 sessions is an ordinary load.
+pub struct UdpConnection {
     info: UdpConnectionInfo,
+    upstream: UdpSocket,
+    /// Prefix for every datagram to the backend (PROXY protocol v2, DGRAM), if configured.
+    header: Option<Box<[u8]>>,
+    lease: BackendLease,
+    settings: Arc<ListenerSettings>,
     datagrams_up: AtomicU64,
     bytes_up: AtomicU64,
     datagrams_down: AtomicU64,
     bytes_down: AtomicU64,
-    /// `CloseReason` index, set by whoever ends the session, before it ends.
+    /// `CloseReason` index, set by whoever ends the session, before it signals the end.
     reason: AtomicU8,
-    /// Signalled once, when the session is dropped from the pool (expiry, reload, shutdown).
+    /// Signalled once, when the session leaves the pool (expiry, reload, shutdown).
     /// `notify_one` keeps a permit, so the signal is not lost while the task is busy.
     ended: Notify,
+    /// Taken by the one caller that runs the reply task (two receive loops may both create a
+    /// new client's session; the second gets the first one's).
+    relay_claimed: AtomicBool,
+    _open: Open,
 }
 
-/// A UDP session: the pool holds it; dropping the last handle ends its reply task.
-pub struct UdpConnection {
-    shared: Arc<SessionShared>,
-    upstream: Arc<UdpSocket>,
-    /// Prefix for every datagram to the backend (PROXY protocol v2, DGRAM), if configured.
-    header: Option<Box<[u8]>>,
-    lease: BackendLease,
-}
+impl Admitted for UdpConnection {
+    fn context(&self) -> &ConnectionContext {
+        &self.info.context
+    }
 
-impl Drop for UdpConnection {
-    fn drop(&mut self) {
-        self.shared.ended.notify_one();
+    fn settings(&self) -> &Arc<ListenerSettings> {
+        &self.settings
     }
 }
 
 impl UdpConnection {
     pub fn info(&self) -> &UdpConnectionInfo {
-        &self.shared.info
+        &self.info
     }
 
+    /// Ends the session: its reply task stops and reports `reason`.
     fn end(&self, reason: CloseReason) {
-        self.shared.reason.store(reason.index() as u8, Ordering::Relaxed);
+        self.reason.store(reason.index() as u8, Ordering::Relaxed);
+        self.ended.notify_one();
+    }
+
+    /// True for the one caller that should run the reply task.
+    fn claim_relay(&self) -> bool {
+        !self.relay_claimed.swap(true, Ordering::AcqRel)
     }
 
     /// Sends one client datagram to the backend; false if it had to be dropped.
@@ -103,7 +129,7 @@ impl UdpConnection {
         // A plain non-blocking send, not tokio's `try_send`: that one refuses until the reactor
         // has seen the socket writable once, which would drop a new session's first datagram.
         // A full socket buffer still fails with WouldBlock, and the datagram is dropped.
-        let socket = socket2::SockRef::from(&*self.upstream);
+        let socket = socket2::SockRef::from(&self.upstream);
         let sent = match &self.header {
             None => socket.send(data),
             Some(header) => BUFFER.with_borrow_mut(|buf| {
@@ -115,32 +141,20 @@ impl UdpConnection {
             }),
         };
         if sent.is_ok() {
-            self.shared.datagrams_up.fetch_add(1, Ordering::Relaxed);
-            self.shared.bytes_up.fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.datagrams_up.fetch_add(1, Ordering::Relaxed);
+            self.bytes_up.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
         sent.is_ok()
     }
 }
 
-/// A new session while probing decides its route: its first datagrams, held in order.
+/// A new client while probing decides its route: its place, and its first datagrams in order.
 struct Probing {
     probe: QuicInitialProbe,
     held: Vec<Box<[u8]>>,
-    started: tokio::time::Instant,
-}
-
-/// The reply side of a session, run by [`ConnectionManager::handle_connection`].
-pub struct UdpSessionTask {
-    key: SessionKey,
-    upstream: Arc<UdpSocket>,
-    shared: Arc<SessionShared>,
-    settings: Arc<ListenerSettings>,
-}
-
-impl UdpSessionTask {
-    fn of(key: SessionKey, session: &UdpConnection, settings: Arc<ListenerSettings>) -> Self {
-        Self { key, upstream: session.upstream.clone(), shared: session.shared.clone(), settings }
-    }
+    started: Instant,
+    /// Taken out when probing decides, for the session.
+    slot: Option<Slot>,
 }
 
 /// Serves one UDP listening socket.
@@ -150,86 +164,29 @@ pub struct UdpConnectionManager {
     state: UdpSocketState,
     local: SocketAddr,
     pool: DashMapConnectionPool<SessionKey, Arc<UdpConnection>>,
-    /// New sessions whose first datagrams are being probed; bounded like the pool.
-    probing: dashmap::DashMap<SessionKey, Probing>,
+    /// New clients whose first datagrams are being probed; each holds a place in the pool's
+    /// admission, so sessions and probes together stay within `maxConnections`.
+    probing: DashMap<SessionKey, Probing>,
 }
 
 impl UdpConnectionManager {
-    /// Serves `socket`. Shutdown ends its sessions through [`Self::close_all`].
+    /// Serves `socket`. Shutdown ends its sessions through [`ListenerManager::close_all`].
     pub fn new(settings: ListenerSettings, socket: UdpSocket) -> io::Result<Self> {
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
         let local = socket.local_addr()?;
-        let limits = settings.limits();
-        let pool =
-            DashMapConnectionPool::new(settings.name.clone(), limits.max_connections as usize, expiry(&settings));
+        let pool = DashMapConnectionPool::new(settings.limits().max_connections as usize, expiry(&settings));
         Ok(Self {
             settings: ArcSwap::from_pointee(settings),
             socket: Arc::new(socket),
             state,
             local,
             pool,
-            probing: dashmap::DashMap::new(),
+            probing: DashMap::new(),
         })
-    }
-
-    pub fn settings(&self) -> Arc<ListenerSettings> {
-        self.settings.load_full()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
-    }
-
-    pub fn pool_stats(&self) -> PoolStats {
-        self.pool.stats()
-    }
-
-    /// Applies a reloaded listener config. Sessions whose backend is still configured keep
-    /// running; the others end (`reason="evicted"`).
-    pub fn update(&self, config: ListenerConfig, metrics: &Metrics) {
-        let next = ListenerSettings::new(config, Some(&self.settings.load()), metrics);
-        self.pool.set_limits(next.limits().max_connections as usize, expiry(&next));
-        let kept: Vec<String> = next.config.all_backends().map(|b| b.address.clone()).collect();
-        self.settings.store(Arc::new(next));
-        for (key, session) in self.pool.snapshot() {
-            let backend = session.lease.backend().address();
-            if !kept.iter().any(|b| b == backend) {
-                session.end(CloseReason::Evicted);
-                self.pool.remove(&key);
-            }
-        }
-    }
-
-    /// Ends every session (shutdown).
-    pub fn close_all(&self) {
-        for (_, session) in self.pool.snapshot() {
-            session.end(CloseReason::Shutdown);
-        }
-        self.pool.clear();
-        self.probing.clear();
-    }
-
-    /// Expires idle sessions and probes that waited too long; returns the probed sessions
-    /// whose probe timed out, to be started on the default route. Work is proportional to
-    /// what expired.
-    fn sweep(self: &Arc<Self>, sessions: &tokio_util::task::TaskTracker) {
-        let settings = self.settings.load();
-        for (_, session) in self.pool.expire(tokio::time::Instant::now()) {
-            session.end(CloseReason::IdleTimeout);
-            settings.metrics.pool_expired.inc();
-        }
-        settings.metrics.pool_size.set(self.pool.size() as i64);
-        if self.probing.is_empty() {
-            return;
-        }
-        let timeout = settings.limits().probe_timeout.get();
-        let overdue: Vec<SessionKey> =
-            self.probing.iter().filter(|p| p.started.elapsed() >= timeout).map(|p| *p.key()).collect();
-        for key in overdue {
-            if let Some((_, probing)) = self.probing.remove(&key) {
-                self.start_session(key, &Probed::default(), probing.held, sessions);
-            }
-        }
     }
 
     /// Sockets to read the listener from: the listener socket and `count - 1` duplicates of it,
@@ -244,14 +201,15 @@ impl UdpConnectionManager {
     }
 
     /// Reads datagrams from `socket` (see [`Self::readers`]) until `stop`, dispatching each to
-    /// its session. The loop that `sweeps` also expires sessions.
-    pub async fn serve(
+    /// its session; returns the error if the socket fails. The loop that `sweeps` also expires
+    /// sessions and probes.
+    pub async fn receive(
         self: Arc<Self>,
         socket: Arc<UdpSocket>,
         sweeps: bool,
         stop: CancellationToken,
-        sessions: tokio_util::task::TaskTracker,
-    ) {
+        sessions: TaskTracker,
+    ) -> io::Result<()> {
         let mut buffers = vec![0u8; RECV_BATCH * MAX_DATAGRAM];
         let mut slices: Vec<IoSliceMut<'_>> = buffers.chunks_mut(MAX_DATAGRAM).map(IoSliceMut::new).collect();
         let mut metas = [RecvMeta::default(); RECV_BATCH];
@@ -262,12 +220,9 @@ impl UdpConnectionManager {
         loop {
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => return Ok(()),
                 _ = sweep.tick(), if sweeps => { self.sweep(&sessions); continue; }
-                ready = socket.readable() => if let Err(error) = ready {
-                    tracing::warn!(listener = %self.settings.load().name, %error, "UDP socket failed");
-                    return;
-                }
+                ready = socket.readable() => ready?,
             }
             let received = socket
                 .try_io(Interest::READABLE, || self.state.recv(UdpSockRef::from(&*socket), &mut slices, &mut metas));
@@ -286,7 +241,7 @@ impl UdpConnectionManager {
                 let local = SocketAddr::new(meta.dst_ip.unwrap_or(self.local.ip()), self.local.port());
                 let stride = meta.stride.max(1);
                 for datagram in slice[..meta.len.min(slice.len())].chunks(stride) {
-                    self.on_datagram(&settings, meta.addr, local, datagram, &sessions);
+                    self.on_datagram(&settings, (meta.addr, local), datagram, &sessions);
                 }
             }
         }
@@ -295,162 +250,136 @@ impl UdpConnectionManager {
     fn on_datagram(
         self: &Arc<Self>,
         settings: &ListenerSettings,
-        client: SocketAddr,
-        local: SocketAddr,
+        key: SessionKey,
         data: &[u8],
-        sessions: &tokio_util::task::TaskTracker,
+        sessions: &TaskTracker,
     ) {
         settings.metrics.datagrams_received.inc();
         settings.metrics.bytes_received.inc_by(data.len() as u64);
-        let key = (client, local);
-        if let Some(sent) = self.pool.get_with(&key, |session| session.send_up(data)) {
+        if let Some(sent) = self.pool.get_with(&key, |session| session.value().send_up(data)) {
             if !sent {
                 settings.metrics.dropped(DropReason::SendFailed).inc();
             }
             return;
         }
-        if !settings.probes() {
-            self.start_session(key, &Probed::default(), vec![data.into()], sessions);
-            return;
+        if settings.probes() {
+            self.probe_datagram(settings, key, data, sessions);
+        } else {
+            self.start(UdpClient::default(), key, &[data], sessions);
         }
-        self.probe_datagram(key, data, sessions);
     }
 
-    /// Holds a new session's datagrams until probing decides, then starts it.
-    fn probe_datagram(self: &Arc<Self>, key: SessionKey, data: &[u8], sessions: &tokio_util::task::TaskTracker) {
-        let settings = self.settings.load();
-        if is_wireguard_initiation(data) && !self.probing.contains_key(&key) {
-            let probed = Probed { protocol: Some(RouteProtocol::WireGuard), ..Default::default() };
-            self.start_session(key, &probed, vec![data.into()], sessions);
-            return;
-        }
-        if !self.probing.contains_key(&key)
-            && self.probing.len() + self.pool.size() >= settings.limits().max_connections as usize
-        {
-            settings.metrics.dropped(DropReason::Limit).inc();
-            return;
-        }
+    /// Holds a new client's datagrams until probing decides, then starts its session.
+    fn probe_datagram(
+        self: &Arc<Self>,
+        settings: &ListenerSettings,
+        key: SessionKey,
+        data: &[u8],
+        sessions: &TaskTracker,
+    ) {
         let decided = {
-            let mut probing = self.probing.entry(key).or_insert_with(|| Probing {
-                probe: QuicInitialProbe::default(),
-                held: Vec::new(),
-                started: tokio::time::Instant::now(),
-            });
-            if probing.held.len() >= MAX_PROBE_DATAGRAMS {
+            let mut probing = match self.probing.entry(key) {
+                Entry::Occupied(probing) => probing.into_ref(),
+                Entry::Vacant(place) => {
+                    let Some(slot) = self.pool.admit() else {
+                        settings.metrics.dropped(DropReason::Refused(CloseReason::Limit)).inc();
+                        return;
+                    };
+                    let started = Instant::now();
+                    place.insert(Probing {
+                        probe: QuicInitialProbe::default(),
+                        held: Vec::new(),
+                        started,
+                        slot: Some(slot),
+                    })
+                }
+            };
+            if probing.held.len() >= MAX_QUIC_PROBE_DATAGRAMS {
                 settings.metrics.dropped(DropReason::ProbeOverflow).inc();
                 return;
             }
             probing.held.push(data.into());
             match probing.probe.push(data) {
-                UdpProbe::Incomplete if probing.held.len() < MAX_PROBE_DATAGRAMS => None,
-                UdpProbe::Detected { protocol, info } => Some(Some((protocol, info))),
-                _ => Some(None),
+                UdpProbe::Incomplete => return,
+                UdpProbe::Detected { protocol, info } => {
+                    UdpClient { probed: Some((protocol, info)), slot: probing.slot.take() }
+                }
+                UdpProbe::Unknown => UdpClient { probed: None, slot: probing.slot.take() },
             }
         };
-        let Some(found) = decided else { return };
-        let Some((_, probing)) = self.probing.remove(&key) else { return };
-        let probed = match &found {
-            Some((protocol, info)) => Probed::found((*protocol).into(), info),
-            None => Probed::default(),
-        };
-        self.start_session(key, &probed, probing.held, sessions);
+        self.start_probed(key, decided, sessions);
     }
 
-    /// Creates a session on the route for `probed`, sends it the held datagrams, and starts
-    /// its reply task. Drops (counted) when over the limit or without a backend.
-    fn start_session(
+    /// Starts the session of a client whose probe has decided (or timed out), with the
+    /// datagrams held for it.
+    fn start_probed(self: &Arc<Self>, key: SessionKey, client: UdpClient, sessions: &TaskTracker) {
+        // The probing entry goes only now, after the session is in the pool: a datagram that
+        // arrives meanwhile is either held here or finds the session, never starts a new probe.
+        let session = self.create_connection(client, key.0, key.1);
+        let held = self.probing.remove(&key).map(|(_, probing)| probing.held).unwrap_or_default();
+        self.deliver(session, &held, sessions);
+    }
+
+    /// Creates the session for `client` and delivers `held` to it.
+    fn start<D: AsRef<[u8]>>(self: &Arc<Self>, client: UdpClient, key: SessionKey, held: &[D], sessions: &TaskTracker) {
+        let session = self.create_connection(client, key.0, key.1);
+        self.deliver(session, held, sessions);
+    }
+
+    /// Sends `held` to a new session and starts its reply task, or counts them as dropped for
+    /// why the session was refused.
+    fn deliver<D: AsRef<[u8]>>(
         self: &Arc<Self>,
-        key: SessionKey,
-        probed: &Probed<'_>,
-        held: Vec<Box<[u8]>>,
-        sessions: &tokio_util::task::TaskTracker,
+        session: Result<Arc<UdpConnection>, ConnectionError>,
+        held: &[D],
+        sessions: &TaskTracker,
     ) {
-        let settings = self.settings.load_full();
-        let drop_all = |reason: DropReason| {
-            settings.metrics.dropped(reason).inc_by(held.len() as u64);
-        };
-        let Some(backends) = settings.route(probed) else { return drop_all(DropReason::NoRoute) };
-        let session = match self.create_session(key, backends, &settings) {
-            Ok(session) => session,
-            // Another receive loop created it a moment ago: use that one.
-            Err(ConnectionError::Duplicate { .. }) => {
-                for datagram in &held {
-                    if self.pool.get_with(&key, |session| session.send_up(datagram)) != Some(true) {
-                        settings.metrics.dropped(DropReason::SendFailed).inc();
+        match session {
+            Ok(session) => {
+                for datagram in held {
+                    if !session.send_up(datagram.as_ref()) {
+                        session.settings.metrics.dropped(DropReason::SendFailed).inc();
                     }
                 }
-                return;
+                if session.claim_relay() {
+                    super::serve(sessions, self.clone(), session);
+                }
             }
             Err(error) => {
-                tracing::debug!(%error, reason = error.label(), "UDP session refused");
-                return drop_all(match error {
-                    ConnectionError::LimitExceeded { .. } => DropReason::Limit,
-                    _ => DropReason::NoBackend,
-                });
-            }
-        };
-        for datagram in &held {
-            if !session.send_up(datagram) {
-                settings.metrics.dropped(DropReason::SendFailed).inc();
+                let reason = DropReason::Refused(error.close_reason());
+                self.settings.load().metrics.dropped(reason).inc_by(held.len() as u64);
+                tracing::debug!(%error, reason = reason.label(), "UDP session refused");
             }
         }
-        let task = UdpSessionTask::of(key, &session, settings);
-        let manager = self.clone();
-        sessions.spawn(async move {
-            let _ = manager.handle_connection(task).await;
-        });
     }
 
-    fn create_session(
-        &self,
-        key: SessionKey,
-        backends: &BackendSet,
-        settings: &ListenerSettings,
-    ) -> Result<Arc<UdpConnection>, ConnectionError> {
-        let (client, local) = key;
-        if self.pool.is_full() {
-            self.pool.count_rejected();
-            return Err(ConnectionError::LimitExceeded {
-                listener: settings.name.clone(),
-                src: client,
-                max: self.pool.max_size(),
+    /// Expires idle and old sessions, and starts probed clients whose probe timed out on the
+    /// default route. Work is proportional to what expired (and to the clients being probed).
+    fn sweep(self: &Arc<Self>, sessions: &TaskTracker) {
+        let settings = self.settings.load();
+        for (_, session, why) in self.pool.expire(Instant::now()) {
+            session.end(match why {
+                Expired::Idle => CloseReason::IdleTimeout,
+                Expired::MaxAge => CloseReason::MaxDuration,
             });
+            settings.metrics.pool_expired.inc();
         }
-        let context = ConnectionContext::new(settings.name.clone(), client, local);
-        let no_backend = || ConnectionError::NoBackend { listener: settings.name.clone(), src: client, attempts: 0 };
-        let backend = backends.pick(client.ip()).ok_or_else(no_backend)?;
-        let address = *backend.state.resolved().first().ok_or_else(no_backend)?;
-        let upstream = connect_upstream(address).map_err(|source| ConnectionError::ConnectionFailed {
-            src: client,
-            dst: address,
-            source,
-        })?;
-        backend.state.record_success();
-        let header = backend.proxy_protocol.map(|version| {
-            debug_assert_eq!(version, ProxyProtocolVersion::V2, "checked by config validation");
-            let mut header = Vec::new();
-            proxy_protocol::write_v2_datagram_header(client, local, &mut header);
-            header.into_boxed_slice()
-        });
-        let shared = SessionShared {
-            info: UdpConnectionInfo { context, backend: address },
-            datagrams_up: AtomicU64::new(0),
-            bytes_up: AtomicU64::new(0),
-            datagrams_down: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
-            reason: AtomicU8::new(CloseReason::Shutdown.index() as u8),
-            ended: Notify::new(),
-        };
-        let session = Arc::new(UdpConnection {
-            shared: Arc::new(shared),
-            upstream: Arc::new(upstream),
-            header,
-            lease: BackendLease::new(backend.state.clone()),
-        });
-        self.pool.insert(key, session.clone())?;
-        settings.metrics.accepted.inc();
-        settings.metrics.active.inc();
-        Ok(session)
+        settings.metrics.pool_size.set(self.pool.size() as i64);
+        if self.probing.is_empty() {
+            return;
+        }
+        let timeout = settings.limits().probe_timeout.get();
+        let overdue: Vec<SessionKey> =
+            self.probing.iter().filter(|p| p.started.elapsed() >= timeout).map(|p| *p.key()).collect();
+        for key in overdue {
+            let slot = match self.probing.entry(key) {
+                Entry::Occupied(mut probing) => probing.get_mut().slot.take(),
+                Entry::Vacant(_) => None,
+            };
+            if slot.is_some() {
+                self.start_probed(key, UdpClient { probed: None, slot }, sessions);
+            }
+        }
     }
 
     /// Sends a backend's reply to the client, from the local address the client wrote to.
@@ -462,8 +391,41 @@ impl UdpConnectionManager {
     }
 }
 
+impl ListenerManager for UdpConnectionManager {
+    fn settings(&self) -> Arc<ListenerSettings> {
+        self.settings.load_full()
+    }
+
+    /// Sessions whose backend is still configured keep running; the others end
+    /// (`reason="evicted"`).
+    fn update(&self, config: ListenerConfig, metrics: &Metrics) {
+        let next = ListenerSettings::new(config, Some(&self.settings.load()), metrics);
+        self.pool.set_limits(next.limits().max_connections as usize, expiry(&next));
+        let kept: Vec<String> = next.config.all_backends().map(|b| b.address.clone()).collect();
+        self.settings.store(Arc::new(next));
+        for (key, session) in self.pool.snapshot() {
+            if !kept.iter().any(|b| **b == **session.lease.backend().address()) {
+                session.end(CloseReason::Evicted);
+                self.pool.remove(&key);
+            }
+        }
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    fn close_all(&self) {
+        for (_, session) in self.pool.drain() {
+            session.end(CloseReason::Shutdown);
+        }
+        self.probing.clear();
+    }
+}
+
 fn expiry(settings: &ListenerSettings) -> Expiry {
-    Expiry { idle: settings.limits().idle_timeout.get(), max_age: None }
+    let limits = settings.limits();
+    Expiry { idle: limits.idle_timeout.get(), max_age: limits.max_connection_duration.map(|d| d.get()) }
 }
 
 /// A socket connected to the backend: the kernel filters out datagrams from anyone else.
@@ -479,48 +441,98 @@ fn connect_upstream(backend: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 impl ConnectionManager for UdpConnectionManager {
-    /// The session key (client, local address) of a new client.
-    type Client = SessionKey;
-    type Connection = UdpSessionTask;
+    type Client = UdpClient;
+    type Connection = Arc<UdpConnection>;
 
-    /// Creates a session on the default route (probing, when configured, happens on the
-    /// datagram path before this).
+    /// Admits a new client (unless it holds a place already), picks its backend on the route
+    /// for what probing found, and adds its session to the pool. When another receive loop
+    /// created this client's session a moment earlier, that session is returned instead.
     fn create_connection(
         &self,
-        client: SessionKey,
+        client: UdpClient,
         source: SocketAddr,
         destination: SocketAddr,
-    ) -> Result<UdpSessionTask, ConnectionError> {
-        debug_assert_eq!(client, (source, destination));
+    ) -> Result<Arc<UdpConnection>, ConnectionError> {
         let settings = self.settings.load_full();
-        let session = self.create_session(client, &settings.backends, &settings)?;
-        Ok(UdpSessionTask::of(client, &session, settings))
+        let listener = || settings.name.clone();
+        let slot = match client.slot {
+            Some(slot) => slot,
+            None => self.pool.admit().ok_or_else(|| ConnectionError::LimitExceeded {
+                listener: listener(),
+                src: source,
+                max: self.pool.max_size(),
+            })?,
+        };
+        let probed = match &client.probed {
+            Some((protocol, info)) => Probed::found((*protocol).into(), info),
+            None => Probed::default(),
+        };
+        let backends =
+            settings.route(&probed).ok_or_else(|| ConnectionError::NoRoute { listener: listener(), src: source })?;
+        let no_backend = || ConnectionError::NoBackend { listener: listener(), src: source, attempts: 0 };
+        let backend = backends.pick(source.ip()).ok_or_else(no_backend)?;
+        let address = *backend.state.resolved().first().ok_or_else(no_backend)?;
+        let upstream = connect_upstream(address).map_err(|e| ConnectionError::ConnectionFailed {
+            src: source,
+            dst: address,
+            source: e,
+        })?;
+        backend.state.record_success();
+        let header = backend.proxy_protocol.map(|version| {
+            debug_assert_eq!(version, ProxyProtocolVersion::V2, "checked by config validation");
+            let mut header = Vec::new();
+            proxy_protocol::write_v2_datagram_header(source, destination, &mut header);
+            header.into_boxed_slice()
+        });
+        let context = ConnectionContext::new(settings.name.clone(), Protocol::Udp, source, destination);
+        let session = Arc::new(UdpConnection {
+            info: UdpConnectionInfo { context, backend: address },
+            upstream,
+            header,
+            lease: BackendLease::new(backend.state.clone()),
+            _open: Open::new(&settings.metrics.active),
+            settings: settings.clone(),
+            datagrams_up: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            datagrams_down: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            reason: AtomicU8::new(CloseReason::Shutdown.index() as u8),
+            ended: Notify::new(),
+            relay_claimed: AtomicBool::new(false),
+        });
+        match self.pool.insert_admitted((source, destination), session.clone(), slot) {
+            Ok(()) => {
+                settings.metrics.accepted.inc();
+                Ok(session)
+            }
+            Err(existing) => Ok(existing),
+        }
     }
 
     /// Relays the backend's replies to the client until the session ends (expired, removed,
     /// or shutdown), then reports it.
-    async fn handle_connection(&self, task: UdpSessionTask) -> Result<ConnectionMetrics, ConnectionError> {
-        let UdpSessionTask { key, upstream, shared, settings } = task;
-        let (client, local) = key;
+    async fn handle_connection(&self, session: Arc<UdpConnection>) -> ConnectionMetrics {
+        let (client, local) = (session.info.context.source, session.info.context.destination);
+        let metrics = &session.settings.metrics;
         loop {
             tokio::select! {
                 biased;
-                _ = shared.ended.notified() => break,
-                ready = upstream.readable() => if ready.is_err() { break },
+                _ = session.ended.notified() => break,
+                ready = session.upstream.readable() => if ready.is_err() { break },
             }
             // Drain what is queued (bounded per wakeup, so one busy session cannot starve the
             // others), marking the session used once per batch rather than per datagram.
             let mut relayed = 0;
             for _ in 0..REPLY_BATCH {
                 let received = BUFFER.with_borrow_mut(|buf| {
-                    let n = upstream.try_recv(buf)?;
+                    let n = session.upstream.try_recv(buf)?;
                     if self.send_down(client, local.ip(), &buf[..n]) {
-                        settings.metrics.datagrams_sent.inc();
-                        settings.metrics.bytes_sent.inc_by(n as u64);
-                        shared.datagrams_down.fetch_add(1, Ordering::Relaxed);
-                        shared.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+                        metrics.datagrams_sent.inc();
+                        metrics.bytes_sent.inc_by(n as u64);
+                        session.datagrams_down.fetch_add(1, Ordering::Relaxed);
+                        session.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
                     } else {
-                        settings.metrics.dropped(DropReason::SendFailed).inc();
+                        metrics.dropped(DropReason::SendFailed).inc();
                     }
                     Ok::<_, io::Error>(n)
                 });
@@ -530,47 +542,30 @@ impl ConnectionManager for UdpConnectionManager {
                     // ICMP port unreachable from the backend surfaces here; the session stays
                     // until it idles out, as the backend may come back.
                     Err(error) => {
-                        tracing::debug!(%error, backend = %shared.info.backend, "UDP backend error");
+                        tracing::debug!(%error, backend = %session.info.backend, "UDP backend error");
                         break;
                     }
                 }
             }
             if relayed > 0 {
                 // An entry that expired meanwhile stays expired; the sweep ends it.
-                self.pool.touch(&key);
+                self.pool.touch(&(client, local));
             }
         }
-        let reason =
-            CloseReason::ALL[usize::from(shared.reason.load(Ordering::Relaxed)).min(CloseReason::ALL.len() - 1)];
-        let info = &shared.info;
-        let mut metrics = ConnectionMetrics {
-            backend: Some(info.backend),
-            bytes_received: shared.bytes_up.load(Ordering::Relaxed),
-            bytes_sent: shared.bytes_down.load(Ordering::Relaxed),
-            close_reason: reason,
-            lifetime: info.context.started.elapsed(),
-            ..Default::default()
-        };
-        metrics.lifecycle.closed = Some(metrics.lifetime);
-        settings.metrics.closed(reason).inc();
-        settings.metrics.active.dec();
-        settings.metrics.duration.observe(metrics.lifetime.as_secs_f64());
-        tracing::info!(
-            target: "l4proxy::access",
-            session = info.context.id,
-            listener = %info.context.listener,
-            protocol = "UDP",
-            source = %client,
-            backend_address = %info.backend,
-            datagrams_received = shared.datagrams_up.load(Ordering::Relaxed),
-            datagrams_sent = shared.datagrams_down.load(Ordering::Relaxed),
-            bytes_received = metrics.bytes_received,
-            bytes_sent = metrics.bytes_sent,
-            duration_ms = metrics.lifetime.as_millis() as u64,
-            reason = reason.label(),
-            "session closed"
-        );
-        Ok(metrics)
+        let reason = CloseReason::from_index(usize::from(session.reason.load(Ordering::Relaxed)))
+            .expect("only close reasons are stored");
+        let mut report = ConnectionMetrics::new(session.info.context.clone());
+        report.backend_name = Some(session.lease.backend().address().clone());
+        report.backend = Some(session.info.backend);
+        report.bytes_received = session.bytes_up.load(Ordering::Relaxed);
+        report.bytes_sent = session.bytes_down.load(Ordering::Relaxed);
+        report.datagrams = Some(Datagrams {
+            received: session.datagrams_up.load(Ordering::Relaxed),
+            sent: session.datagrams_down.load(Ordering::Relaxed),
+        });
+        report.close_reason = reason;
+        report.close();
+        report
     }
 
     fn connection_count(&self) -> usize {
@@ -579,5 +574,104 @@ impl ConnectionManager for UdpConnectionManager {
 
     fn max_connections(&self) -> usize {
         self.pool.max_size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::check;
+
+    /// A manager for a listener on a fresh loopback socket, sending to `backend`.
+    fn manager(max: u32, backend: SocketAddr) -> (Arc<UdpConnectionManager>, Metrics) {
+        let yaml = format!(
+            "listeners:\n- name: dns\n  protocol: UDP\n  address: 127.0.0.1:0\n  backends: [{{address: '{backend}'}}]\n  limits: {{maxConnections: {max}}}\n"
+        );
+        let config = check(&crate::config::parse_yaml(&yaml).unwrap()).unwrap();
+        let metrics = Metrics::new();
+        let settings = ListenerSettings::new(config.listeners[0].clone(), None, &metrics);
+        let socket = UdpSocket::from_std({
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .unwrap();
+        (Arc::new(UdpConnectionManager::new(settings, socket).unwrap()), metrics)
+    }
+
+    /// A UDP server on loopback that answers every datagram with "re:" and the datagram.
+    async fn answering_backend() -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let address = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                let _ = socket.send_to(&[b"re:", &buf[..n]].concat(), from).await;
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn udp_session_from_create_connection_relays_replies_and_reports_its_datagrams() {
+        let backend = answering_backend().await;
+        let (manager, _metrics) = manager(10, backend);
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (source, local) = (client.local_addr().unwrap(), manager.local_addr());
+        let session = manager.create_connection(UdpClient::default(), source, local).unwrap();
+        assert_eq!(manager.connection_count(), 1);
+        assert_eq!(session.info().backend, backend);
+        assert!(session.send_up(b"ping"));
+        let relay = tokio::spawn({
+            let manager = manager.clone();
+            async move { manager.handle_connection(session).await }
+        });
+        let mut reply = [0u8; 64];
+        let (n, from) =
+            tokio::time::timeout(Duration::from_secs(10), client.recv_from(&mut reply)).await.unwrap().unwrap();
+        assert_eq!((&reply[..n], from), (&b"re:ping"[..], local));
+
+        manager.close_all();
+        let report = tokio::time::timeout(Duration::from_secs(10), relay).await.unwrap().unwrap();
+        assert_eq!(report.close_reason, CloseReason::Shutdown);
+        assert_eq!(report.datagrams, Some(Datagrams { received: 1, sent: 1 }));
+        assert_eq!((report.bytes_received, report.bytes_sent), (4, 7));
+        assert_eq!(manager.connection_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn udp_sessions_beyond_the_limit_are_refused_and_the_place_comes_back() {
+        let (manager, _metrics) = manager(1, "127.0.0.1:9".parse().unwrap());
+        let local = manager.local_addr();
+        let first: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+        let _session = manager.create_connection(UdpClient::default(), first, local).unwrap();
+        assert!(!manager.can_accept_connection());
+        let refused = manager.create_connection(UdpClient::default(), "127.0.0.1:1002".parse().unwrap(), local);
+        assert_eq!(refused.err().map(|e| e.close_reason()), Some(CloseReason::Limit));
+        assert_eq!(manager.pool_stats().rejected_inserts, 1);
+        manager.close_all();
+        assert!(manager.can_accept_connection());
+    }
+
+    #[tokio::test]
+    async fn second_create_for_the_same_client_gets_the_first_session_and_no_second_relay() {
+        let (manager, _metrics) = manager(10, "127.0.0.1:9".parse().unwrap());
+        let (source, local) = ("127.0.0.1:1001".parse().unwrap(), manager.local_addr());
+        let first = manager.create_connection(UdpClient::default(), source, local).unwrap();
+        let second = manager.create_connection(UdpClient::default(), source, local).unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(manager.connection_count(), 1);
+        assert!(first.claim_relay());
+        assert!(!second.claim_relay(), "one reply task per session");
+    }
+
+    #[tokio::test]
+    async fn a_held_place_is_used_for_the_session_and_not_taken_twice() {
+        let (manager, _metrics) = manager(1, "127.0.0.1:9".parse().unwrap());
+        let slot = manager.pool.admit().expect("a place");
+        let client = UdpClient { probed: None, slot: Some(slot) };
+        manager.create_connection(client, "127.0.0.1:1001".parse().unwrap(), manager.local_addr()).unwrap();
+        assert_eq!(manager.pool_stats().size, 1);
+        assert_eq!(manager.pool_stats().rejected_inserts, 0);
     }
 }

@@ -10,7 +10,6 @@
 //!   Initial packets, decrypts them (RFC 9001 §5, RFC 9369) and reassembles CRYPTO frames across
 //!   packets and datagrams to read the ClientHello's SNI and ALPN. It also recognises a
 //!   WireGuard handshake initiation as the first datagram.
-//! - [`is_wireguard_initiation`].
 //!
 //! Parsers never panic on any input: every read goes through the bounds-checked [`Reader`].
 
@@ -21,7 +20,6 @@ mod tls;
 mod wireguard;
 
 pub use quic::{MAX_CRYPTO_BYTES, MAX_QUIC_PROBE_DATAGRAMS, QuicInitialProbe};
-pub use wireguard::is_wireguard_initiation;
 
 /// The most bytes a TCP probe looks at before giving up (a ClientHello larger than this, e.g.
 /// with huge extensions, is Detected as TLS with whatever was parsed, or Unknown otherwise).

@@ -8,7 +8,7 @@ const INITIATION_LEN: usize = 148;
 const INITIATION_HEADER: [u8; 4] = [1, 0, 0, 0];
 
 /// Whether a datagram is a WireGuard handshake initiation (the first datagram of a session).
-pub fn is_wireguard_initiation(datagram: &[u8]) -> bool {
+pub(crate) fn is_wireguard_initiation(datagram: &[u8]) -> bool {
     datagram.len() == INITIATION_LEN && datagram.starts_with(&INITIATION_HEADER)
 }
 

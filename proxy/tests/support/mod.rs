@@ -85,6 +85,40 @@ impl Echo {
     }
 }
 
+/// A UDP echo server on 127.0.0.1 that prefixes each reply with the port it was sent from
+/// (`"<port>:"`), so a client behind the proxy sees which session carried it.
+pub async fn udp_echo() -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let mut reply = format!("{}:", from.port()).into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    address
+}
+
+/// Breaks this process's listening TCP socket bound to `address` from outside its owner, as a
+/// kernel or operator fault would: `shutdown(2)` makes every later `accept` fail (EINVAL).
+pub fn break_listening_socket(address: SocketAddr) {
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let Some(fd) = entry.unwrap().file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        // SAFETY: the descriptor is open (listed by /proc/self/fd) and only borrowed for the
+        // calls below; one that closed meanwhile makes them fail, which skips it.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&borrowed);
+        let bound = socket.local_addr().ok().and_then(|a| a.as_socket());
+        if bound == Some(address) && socket.is_listener().unwrap_or(false) {
+            socket.shutdown(std::net::Shutdown::Both).expect("shutdown of the listening socket");
+            return;
+        }
+    }
+    panic!("no listening socket bound to {address} in this process");
+}
+
 /// An address on 127.0.0.1 where nothing listens: connects are refused.
 pub fn refused_address() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
