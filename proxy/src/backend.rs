@@ -42,10 +42,12 @@ pub struct BackendState {
 }
 
 /// Why a connect to a backend failed, for its failure counter.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Failure {
     Refused,
     Timeout,
+    /// This process ran out of something (descriptors, buffers): not the backend's failure.
+    Local,
 }
 
 impl BackendState {
@@ -118,6 +120,7 @@ impl BackendState {
         match failure {
             Failure::Refused => self.metrics.failures_refused.inc(),
             Failure::Timeout => self.metrics.failures_timeout.inc(),
+            Failure::Local => return,
         };
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < EJECT_AFTER_FAILURES {
@@ -129,7 +132,7 @@ impl BackendState {
         }
         let repeat = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
         let cooldown = base_cooldown.saturating_mul(1 << repeat).min(MAX_EJECTION_COOLDOWN);
-        let until = self.millis_since_born(Instant::now()) + cooldown.as_millis().max(1) as u64;
+        let until = self.millis_since_born(Instant::now()).saturating_add(cooldown.as_millis().max(1) as u64);
         self.ejected_until.store(until, Ordering::Relaxed);
         self.metrics.ejected.set(1);
         self.metrics.ejections.inc();
@@ -150,9 +153,11 @@ impl BackendState {
             let dst = addrs[(start + k) % addrs.len()];
             match tokio::time::timeout(timeout, TcpStream::connect(dst)).await {
                 Ok(Ok(stream)) => return Ok((stream, dst)),
-                Ok(Err(source)) => {
-                    last = Some((Failure::Refused, ConnectionError::ConnectionFailed { src, dst, source }))
-                }
+                Ok(Err(source)) => match crate::connection::connect_error(src, dst, source) {
+                    // Another address of the same backend would fail alike.
+                    local @ ConnectionError::LocalResource { .. } => return Err((Failure::Local, Some(local))),
+                    refused => last = Some((Failure::Refused, refused)),
+                },
                 Err(_) => last = Some((Failure::Timeout, ConnectionError::ConnectTimeout { src, dst, after: timeout })),
             }
         }
@@ -315,6 +320,10 @@ impl BackendSet {
                     state.record_failure(failure, cooldown);
                     tracing::debug!(connection = context.id, backend = %state.address, error = error.as_ref().map(tracing::field::display), "backend connect failed");
                     last_error = error.or(last_error);
+                    if failure == Failure::Local {
+                        // Every other backend would fail alike: give up now, blaming none.
+                        break;
+                    }
                 }
             }
         }
@@ -365,6 +374,16 @@ mod tests {
         assert!(b.is_available(Instant::now()));
         b.record_failure(Failure::Refused, cooldown);
         assert!(!b.is_available(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn running_out_of_local_resources_never_counts_against_a_backend() {
+        let (b, cooldown) = state(1000);
+        for _ in 0..10 {
+            b.record_failure(Failure::Local, cooldown);
+        }
+        assert!(b.is_available(Instant::now()));
+        assert_eq!(b.consecutive_failures(), 0);
     }
 
     #[tokio::test(start_paused = true)]

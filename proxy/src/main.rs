@@ -16,7 +16,10 @@ use l4proxy::{
     metrics::Metrics,
     telemetry::{self, LogFormat},
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Notify,
+};
 
 /// sysexits' EX_USAGE: the config is wrong.
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -72,7 +75,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match cli.command {
             Command::Check { config } => check(&config).await,
             Command::Run { config, drain_timeout, watch_interval } => {
@@ -83,7 +86,10 @@ fn main() -> ExitCode {
                 report(run(config, file, drain_timeout.get(), watch_interval.get()).await)
             }
         }
-    })
+    });
+    // A reload still parsing on a blocking thread must not hold up the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {
@@ -153,31 +159,51 @@ async fn run(
     let proxy = Proxy::start(config, Arc::new(Metrics::new())).await.context("starting listeners")?;
     tracing::info!(listeners = proxy.config().listeners.len(), "l4proxy started");
 
-    // The watcher compares the file with the text that was loaded, not with what it reads after
-    // start-up: a change made while the listeners were binding is still seen as a change.
-    let path = file.as_ref().map(|f| f.path.as_path());
-    let mut watched = file.as_ref().map(|f| f.text.as_bytes().to_vec());
-    let mut watch = tokio::time::interval(watch_interval);
-    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Reloads run on their own task, so that a slow one never delays a signal: the loop below
+    // only asks for them (several asks while one runs make one more reload, not a queue).
+    let reload = Arc::new(Notify::new());
+    let reloadable = file.is_some();
+    if let Some(file) = file {
+        tokio::spawn(reload_on_request(proxy.clone(), file.path.clone(), reload.clone()));
+        tokio::spawn(watch_file(file, watch_interval, reload.clone()));
+    }
     loop {
         tokio::select! {
             _ = terminate.recv() => { tracing::info!(signal = "SIGTERM", "shutdown requested"); break; }
             _ = interrupt.recv() => { tracing::info!(signal = "SIGINT", "shutdown requested"); break; }
-            _ = hangup.recv() => match path {
-                Some(path) => { let _ = proxy.reload_from(path).await; }
-                None => tracing::warn!("SIGHUP ignored: serving the embedded config, there is no file to reload"),
+            _ = hangup.recv() => if reloadable {
+                reload.notify_one();
+            } else {
+                tracing::warn!("SIGHUP ignored: serving the embedded config, there is no file to reload");
             },
-            _ = watch.tick(), if path.is_some() => {
-                let Some(path) = path else { continue };
-                // Compare contents, not timestamps: Kubernetes swaps mounted ConfigMaps by symlink.
-                let current = tokio::fs::read(path).await.ok();
-                if current != watched {
-                    watched = current;
-                    let _ = proxy.reload_from(path).await;
-                }
-            }
         }
     }
     proxy.shutdown(drain).await;
     Ok(())
+}
+
+/// Reloads the file each time one is asked for.
+async fn reload_on_request(proxy: Arc<Proxy>, path: PathBuf, asked: Arc<Notify>) {
+    loop {
+        asked.notified().await;
+        let _ = proxy.reload_from(&path).await;
+    }
+}
+
+/// Asks for a reload when the file's contents change. It compares with the text that was
+/// loaded, not with what it reads after start-up: a change made while the listeners were binding
+/// is still seen as a change. Contents, not timestamps: Kubernetes swaps mounted ConfigMaps by
+/// symlink.
+async fn watch_file(file: ConfigFile, every: Duration, reload: Arc<Notify>) {
+    let mut watched = Some(file.text.into_bytes());
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let current = config::read_bounded(&file.path).await.ok();
+        if current != watched {
+            watched = current;
+            reload.notify_one();
+        }
+    }
 }

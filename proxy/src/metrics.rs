@@ -196,7 +196,7 @@ impl Metrics {
             |reason| BackendReasonLabels { listener: listener.to_owned(), backend: backend.to_owned(), reason };
         BackendMetrics {
             active: handle(&self.backend_active, &l),
-            failures_refused: handle(&self.backend_failures, &reason("connect_failed")),
+            failures_refused: handle(&self.backend_failures, &reason(CloseReason::ConnectFailed.label())),
             failures_timeout: handle(&self.backend_failures, &reason("connect_timeout")),
             ejected: handle(&self.backend_ejected, &l),
             ejections: handle(&self.backend_ejections, &l),

@@ -2,18 +2,22 @@
 //! a registry, and the HTTP server for `/healthz`, `/readyz` and `/metrics` (the proxy adds its
 //! own routes to it).
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
-    Router,
-    extract::State,
+    Extension, Router,
+    extract::{ConnectInfo, State},
     http::{StatusCode, header},
     response::IntoResponse,
     routing::get,
 };
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing_subscriber::EnvFilter;
 
 /// Log line format.
@@ -103,10 +107,98 @@ async fn metrics<T: Observed>(State(target): State<Arc<T>>) -> impl IntoResponse
     ([(header::CONTENT_TYPE, OPENMETRICS)], target.metrics_text())
 }
 
-/// Serves `app` on `socket` until `stop` is cancelled.
-pub async fn serve(socket: TcpListener, app: Router, stop: CancellationToken) {
+/// Bounds of the HTTP server, so that no client can starve the process of descriptors or
+/// hold a connection open: at most `max_connections` at once (beyond, new ones wait in the
+/// kernel's accept queue, taking no descriptor), each closed when a request's headers (or the
+/// next request on a kept-alive connection) take longer than `header_read_timeout`, and in any
+/// case after `lifetime`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub lifetime: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self { max_connections: 64, header_read_timeout: Duration::from_secs(5), lifetime: Duration::from_secs(60) }
+    }
+}
+
+/// Pause after a failed accept, so the loop does not spin (e.g. out of descriptors).
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves `app` on `socket` within `limits` until `stop` is cancelled. Handlers can read the
+/// peer's address with `axum::extract::ConnectInfo<SocketAddr>` (see [`loopback_only`]).
+pub async fn serve(socket: TcpListener, app: Router, limits: HttpLimits, stop: CancellationToken) {
     let address = socket.local_addr().ok();
-    if let Err(error) = axum::serve(socket, app).with_graceful_shutdown(stop.cancelled_owned()).await {
-        tracing::error!(?address, %error, "HTTP server failed");
+    let places = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    let mut stopped = std::pin::pin!(stop.cancelled());
+    loop {
+        let place = tokio::select! {
+            _ = &mut stopped => break,
+            place = places.clone().acquire_owned() => place.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut stopped => break,
+            accepted = socket.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::debug!(?address, %error, "HTTP accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(app.clone().layer(Extension(ConnectInfo(peer))));
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        connections.spawn(async move {
+            let _place = place;
+            // Past its lifetime the connection is dropped, mid-response or not.
+            let _ = tokio::time::timeout(limits.lifetime, connection).await;
+        });
+    }
+    connections.close();
+    // In-flight requests get a moment to finish; the process is stopping anyway.
+    let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
+}
+
+/// `router`'s routes answer only peers on loopback (a process in the same pod, or on the same
+/// host); others get 403.
+pub fn loopback_only(router: Router) -> Router {
+    router.layer(axum::middleware::from_fn(
+        |ConnectInfo(peer): ConnectInfo<SocketAddr>, request: axum::extract::Request, next: axum::middleware::Next| async move {
+            if peer.ip().is_loopback() {
+                next.run(request).await
+            } else {
+                (StatusCode::FORBIDDEN, "served on loopback only\n").into_response()
+            }
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    async fn status_for(peer: &str) -> StatusCode {
+        let app = loopback_only(Router::new().route("/config", get(|| async { "the config" })));
+        let mut request = axum::http::Request::get("/config").body(Body::empty()).unwrap();
+        request.extensions_mut().insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        app.oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn loopback_only_routes_answer_loopback_peers_and_refuse_others() {
+        assert_eq!(status_for("127.0.0.1:40000").await, StatusCode::OK);
+        assert_eq!(status_for("[::1]:40000").await, StatusCode::OK);
+        assert_eq!(status_for("10.1.2.3:40000").await, StatusCode::FORBIDDEN);
+        assert_eq!(status_for("[fd00::1]:40000").await, StatusCode::FORBIDDEN);
     }
 }

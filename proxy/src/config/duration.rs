@@ -5,7 +5,15 @@ use std::{fmt, time::Duration};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
-/// A duration in config: a number with a unit (`ms`, `s`, `m`, `h`), parts may be combined (`"1m30s"`).
+/// The longest duration any config field or flag takes: 720h (30 days). Long enough for any
+/// timeout or lifetime a proxy needs, short enough that a deadline computed from it can never
+/// overflow the clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(720 * 3600);
+/// [`MAX_DURATION`] as written in configs and in the CRD's validation rule.
+pub const MAX_DURATION_TEXT: &str = "720h";
+
+/// A duration in config: a number with a unit (`ms`, `s`, `m`, `h`), parts may be combined
+/// (`"1m30s"`), at most [`MAX_DURATION`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ConfigDuration(pub Duration);
 
@@ -34,9 +42,12 @@ impl std::str::FromStr for ConfigDuration {
                 "invalid duration {s:?}: expected a number with a unit, like \"5s\", \"2m\", \"500ms\""
             ));
         }
-        humantime::parse_duration(trimmed)
-            .map(Self)
-            .map_err(|e| format!("invalid duration {s:?}: {e} (expected like \"5s\", \"2m\", \"500ms\")"))
+        let duration = humantime::parse_duration(trimmed)
+            .map_err(|e| format!("invalid duration {s:?}: {e} (expected like \"5s\", \"2m\", \"500ms\")"))?;
+        if duration > MAX_DURATION {
+            return Err(format!("invalid duration {s:?}: at most {MAX_DURATION_TEXT} (30 days) is allowed"));
+        }
+        Ok(Self(duration))
     }
 }
 
@@ -71,10 +82,10 @@ impl JsonSchema for ConfigDuration {
             "type": "string",
             "pattern": "^([0-9]+(ms|s|m|h))+$",
             "maxLength": 32,
-            "description": "A duration: a number with a unit (ms, s, m, h), e.g. \"500ms\", \"5s\", \"2m\", \"1h30m\".",
+            "description": "A duration: a number with a unit (ms, s, m, h), e.g. \"500ms\", \"5s\", \"2m\", \"1h30m\"; at most 720h.",
             "x-kubernetes-validations": [{
-                "rule": "duration(self) > duration('0s')",
-                "message": "must be greater than zero"
+                "rule": format!("duration(self) > duration('0s') && duration(self) <= duration('{MAX_DURATION_TEXT}')"),
+                "message": format!("must be greater than zero and at most {MAX_DURATION_TEXT}")
             }]
         })
     }
@@ -97,6 +108,15 @@ mod tests {
         let err = "30".parse::<ConfigDuration>().unwrap_err();
         assert!(err.contains("\"30\""), "{err}");
         assert!("five seconds".parse::<ConfigDuration>().is_err());
+    }
+
+    #[test]
+    fn duration_beyond_the_maximum_is_rejected_naming_the_maximum() {
+        for text in ["18446744073709551615s", "10000000000000000000s", "721h", "30d1ms"] {
+            let err = text.parse::<ConfigDuration>().unwrap_err();
+            assert!(err.contains(text) && err.contains("at most 720h"), "{err}");
+        }
+        assert_eq!("720h".parse::<ConfigDuration>().unwrap().get(), MAX_DURATION);
     }
 
     #[test]

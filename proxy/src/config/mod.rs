@@ -1,13 +1,14 @@
 //! Configuration: the file's schema (shared with the `L4Proxy` resource), parsing with field
 //! paths in every error, and validation into typed values before anything binds.
 
+mod depth;
 mod duration;
 mod schema;
 mod validate;
 
 use std::path::Path;
 
-pub use duration::ConfigDuration;
+pub use duration::{ConfigDuration, MAX_DURATION, MAX_DURATION_TEXT};
 pub use schema::{
     AcceptProxyProtocol, AdminConfig, Backend, Limits, Listener, LoadBalancing, MAX_ADDRESS_LEN, MAX_LISTENERS,
     MAX_MATCH_ITEMS, Protocol, ProxyConfig, ProxyProtocolVersion, Route, RouteMatch, RouteProtocol, ServiceBackend,
@@ -45,8 +46,25 @@ impl ConfigError {
     }
 }
 
+/// The largest config file read (64 listeners of 1024 backends each fit in less than half).
+pub const MAX_CONFIG_BYTES: usize = 8 * 1024 * 1024;
+/// The deepest nesting of collections a config may have (the schema itself needs 8). Parsing
+/// time grows with the square of the depth, so a hostile file is refused before it is parsed.
+pub const MAX_CONFIG_DEPTH: usize = 32;
+
 /// Parses YAML into the file schema; unknown fields are errors, and errors name the field path.
+/// Text beyond [`MAX_CONFIG_BYTES`] or nested deeper than [`MAX_CONFIG_DEPTH`] is refused
+/// before parsing.
 pub fn parse_yaml(text: &str) -> Result<ProxyConfig, ConfigError> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(too_large(text.len()));
+    }
+    if let Some(line) = depth::first_too_deep(text, MAX_CONFIG_DEPTH) {
+        return Err(ConfigError::invalid(
+            "config",
+            format!("line {line}: collections are nested deeper than {MAX_CONFIG_DEPTH} levels, the most allowed"),
+        ));
+    }
     let deserializer = serde_yaml_ng::Deserializer::from_str(text);
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = match e.path().to_string() {
@@ -63,13 +81,38 @@ pub async fn load(path: &Path) -> Result<Config, ConfigError> {
 }
 
 /// Like [`load`], also returning the text that was read, so that a file watcher compares later
-/// contents with exactly the version in force.
+/// contents with exactly the version in force. Parsing runs on a blocking thread, so a large
+/// file never stalls the runtime (signals, the admin server, connections).
 pub async fn load_with_text(path: &Path) -> Result<(Config, String), ConfigError> {
-    let text = tokio::fs::read_to_string(path)
+    let read_error = |source| ConfigError::Read { path: path.display().to_string(), source };
+    let bytes = read_bounded(path).await.map_err(read_error)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error())))?;
+    let (file, text) = tokio::task::spawn_blocking(move || parse_yaml(&text).map(|file| (file, text)))
         .await
-        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-    let config = Config::from_file_config(parse_yaml(&text)?).await?;
+        .map_err(|e| ConfigError::invalid("config", format!("parsing stopped: {e}")))??;
+    let config = Config::from_file_config(file).await?;
     Ok((config, text))
+}
+
+/// The file's contents; a file larger than [`MAX_CONFIG_BYTES`] is refused having read no more
+/// than that.
+pub async fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(path).await?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES as u64 + 1).read_to_end(&mut bytes).await?;
+    if bytes.len() > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, too_large(bytes.len()).to_string()));
+    }
+    Ok(bytes)
+}
+
+fn too_large(len: usize) -> ConfigError {
+    ConfigError::invalid(
+        "config",
+        format!("{len} bytes or more, larger than the {} MiB a config may have", MAX_CONFIG_BYTES >> 20),
+    )
 }
 
 impl From<ProxyProtocolVersion> for crate::proxy_protocol::Version {

@@ -35,10 +35,15 @@ pub enum CloseReason {
     Evicted,
     /// Refused on arrival: the listener is at `maxConnections`.
     Limit,
+    /// A local resource ran out while setting up the backend leg (file descriptors, buffer
+    /// memory, local ports): not the backend's fault, so it does not count against its health.
+    LocalError,
+    /// The task serving it panicked (a bug): it was closed and logged.
+    Panicked,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 13] = [
+    pub const ALL: [CloseReason; 15] = [
         Self::Completed,
         Self::IdleTimeout,
         Self::MaxDuration,
@@ -52,6 +57,8 @@ impl CloseReason {
         Self::UntrustedSource,
         Self::Evicted,
         Self::Limit,
+        Self::LocalError,
+        Self::Panicked,
     ];
 
     /// The `reason` label of the connection metrics.
@@ -70,6 +77,8 @@ impl CloseReason {
             Self::UntrustedSource => "untrusted_source",
             Self::Evicted => "evicted",
             Self::Limit => "limit",
+            Self::LocalError => "local_error",
+            Self::Panicked => "panicked",
         }
     }
 
@@ -147,6 +156,16 @@ pub enum ConnectionError {
         source: io::Error,
     },
 
+    /// A local resource ran out while opening the backend leg (descriptors, buffers, memory,
+    /// local ports): the backend is not to blame, and its health is left alone.
+    #[error("{src} -> {dst}: no local resources for the backend connection: {source}")]
+    LocalResource {
+        src: SocketAddr,
+        dst: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+
     /// No backend could take the connection: all ejected, failed, or without addresses.
     #[error("listener {listener}: no backend available for {src} after {attempts} attempt(s)")]
     NoBackend { listener: Arc<str>, src: SocketAddr, attempts: u32 },
@@ -170,9 +189,28 @@ impl ConnectionError {
             Self::NoRoute { .. } => CloseReason::NoRoute,
             Self::ConnectTimeout { .. } | Self::ConnectionFailed { .. } => CloseReason::ConnectFailed,
             Self::NoBackend { .. } => CloseReason::NoBackend,
+            Self::LocalResource { .. } => CloseReason::LocalError,
             Self::Broken { leg: Leg::Client, .. } => CloseReason::ClientError,
             Self::Broken { leg: Leg::Backend, .. } => CloseReason::BackendError,
         }
+    }
+}
+
+/// Whether an error means this process or host ran out of something (file descriptors, kernel
+/// buffers, memory, local ports), rather than that the peer failed.
+pub fn is_local_exhaustion(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// The error for a failed connect from `src` to `dst`: local exhaustion, or the backend's fault.
+pub fn connect_error(src: SocketAddr, dst: SocketAddr, source: io::Error) -> ConnectionError {
+    if is_local_exhaustion(&source) {
+        ConnectionError::LocalResource { src, dst, source }
+    } else {
+        ConnectionError::ConnectionFailed { src, dst, source }
     }
 }
 
@@ -196,6 +234,16 @@ mod tests {
         let reset = ConnectionError::Broken { leg: Leg::Backend, source: io::ErrorKind::ConnectionReset.into() };
         assert_eq!(reset.close_reason(), CloseReason::BackendError);
         assert_eq!(DropReason::Refused(limit.close_reason()).label(), "limit");
+    }
+
+    #[test]
+    fn running_out_of_descriptors_is_local_and_a_refusal_is_the_backends() {
+        let (src, dst) = (addr("127.0.0.1:1"), addr("127.0.0.1:2"));
+        let emfile = connect_error(src, dst, io::Error::from_raw_os_error(libc::EMFILE));
+        assert_eq!(emfile.close_reason(), CloseReason::LocalError);
+        assert!(emfile.to_string().contains("os error 24"), "the errno is in the message: {emfile}");
+        let refused = connect_error(src, dst, io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert_eq!(refused.close_reason(), CloseReason::ConnectFailed);
     }
 
     #[test]

@@ -13,17 +13,19 @@ mod udp;
 use std::{
     future::Future,
     net::SocketAddr,
+    panic::AssertUnwindSafe,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
+use futures::FutureExt;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-pub use error::{CloseReason, ConnectionError, DropReason, Leg};
+pub use error::{CloseReason, ConnectionError, DropReason, Leg, connect_error, is_local_exhaustion};
 pub use pool::{Admission, ConnectionPool, DashMapConnectionPool, PoolEntry, PoolStats, Slot};
 pub use pump::COPY_BUFFER_SIZE;
 pub use settings::ListenerSettings;
@@ -58,6 +60,10 @@ pub trait ConnectionManager: Send + Sync {
 
     /// Serves an admitted connection to its end.
     fn handle_connection(&self, connection: Self::Connection) -> impl Future<Output = ConnectionMetrics> + Send;
+
+    /// Lets go of what is still held for a connection whose serving task panicked (a UDP
+    /// session's pool entry); the connection itself was dropped by the unwinding.
+    fn release(&self, _context: &ConnectionContext) {}
 
     /// Connections admitted and not yet finished.
     fn connection_count(&self) -> usize;
@@ -112,10 +118,8 @@ pub struct ConnectionContext {
     /// The listener that admitted it.
     pub listener: Arc<str>,
     pub protocol: Protocol,
-    /// When it was admitted (monotonic).
+    /// When it was admitted.
     pub started: Instant,
-    /// When it was admitted (wall clock, for logs).
-    pub started_at: SystemTime,
 }
 
 impl ConnectionContext {
@@ -128,7 +132,6 @@ impl ConnectionContext {
             listener,
             protocol,
             started: Instant::now(),
-            started_at: SystemTime::now(),
         }
     }
 }
@@ -217,6 +220,13 @@ impl ConnectionMetrics {
     }
 }
 
+/// `at + by`, never panicking: every configured duration is at most
+/// [`crate::config::MAX_DURATION`], so the sum always exists; were it ever not to, the latest
+/// representable moment stands in, not a panic on the connection path.
+pub(crate) fn later(at: Instant, by: Duration) -> Instant {
+    at.checked_add(by).or_else(|| at.checked_add(crate::config::MAX_DURATION)).unwrap_or(at)
+}
+
 /// Records how a connection ended: its close reason and lifetime in its listener's metrics,
 /// and one access-log line.
 pub fn record(listener: &ListenerMetrics, metrics: &ConnectionMetrics) {
@@ -242,15 +252,105 @@ pub fn record(listener: &ListenerMetrics, metrics: &ConnectionMetrics) {
     );
 }
 
-/// Serves an admitted connection on `tracker`, and records how it ended.
+/// Serves an admitted connection on `tracker`, and records how it ended. A panic in serving it
+/// is caught: the connection is closed (its slot given back by the unwinding), counted as
+/// `reason="panicked"` and logged, so no connection ever vanishes unaccounted.
 pub fn serve<M>(tracker: &TaskTracker, manager: Arc<M>, connection: M::Connection)
 where
     M: ConnectionManager + 'static,
     M::Connection: 'static,
 {
     let settings = connection.settings().clone();
+    let context = connection.context().clone();
     tracker.spawn(async move {
-        let metrics = manager.handle_connection(connection).await;
-        record(&settings.metrics, &metrics);
+        match AssertUnwindSafe(manager.handle_connection(connection)).catch_unwind().await {
+            Ok(metrics) => record(&settings.metrics, &metrics),
+            Err(panic) => {
+                manager.release(&context);
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(not a string)");
+                settings.metrics.closed(CloseReason::Panicked).inc();
+                tracing::error!(
+                    connection = context.id,
+                    listener = %context.listener,
+                    protocol = context.protocol.label(),
+                    source = %context.source,
+                    panic = message,
+                    "connection task panicked; the connection was closed"
+                );
+            }
+        }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// A manager whose connections hit a bug while being served.
+    #[derive(Default)]
+    struct Buggy {
+        released: AtomicBool,
+    }
+
+    struct Doomed {
+        context: ConnectionContext,
+        settings: Arc<ListenerSettings>,
+    }
+
+    impl Admitted for Doomed {
+        fn context(&self) -> &ConnectionContext {
+            &self.context
+        }
+
+        fn settings(&self) -> &Arc<ListenerSettings> {
+            &self.settings
+        }
+    }
+
+    impl ConnectionManager for Buggy {
+        type Client = ();
+        type Connection = Doomed;
+
+        fn create_connection(&self, _: (), src: SocketAddr, _: SocketAddr) -> Result<Doomed, ConnectionError> {
+            Err(ConnectionError::NoBackend { listener: "web".into(), src, attempts: 0 })
+        }
+
+        async fn handle_connection(&self, _: Doomed) -> ConnectionMetrics {
+            panic!("a bug in serving")
+        }
+
+        fn release(&self, _context: &ConnectionContext) {
+            self.released.store(true, Ordering::Relaxed);
+        }
+
+        fn connection_count(&self) -> usize {
+            0
+        }
+
+        fn max_connections(&self) -> usize {
+            1
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_task_panics_is_released_and_counted_as_panicked() {
+        let yaml = "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n";
+        let config = crate::config::check(&crate::config::parse_yaml(yaml).unwrap()).unwrap();
+        let metrics = Metrics::new();
+        let settings = Arc::new(ListenerSettings::new(config.listeners[0].clone(), None, &metrics));
+        let address: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let context = ConnectionContext::new("web".into(), Protocol::Tcp, address, address);
+        let tracker = TaskTracker::new();
+        let manager = Arc::new(Buggy::default());
+        serve(&tracker, manager.clone(), Doomed { context, settings: settings.clone() });
+        tracker.close();
+        tracker.wait().await;
+        assert!(manager.released.load(Ordering::Relaxed));
+        assert_eq!(settings.metrics.closed(CloseReason::Panicked).get(), 1);
+    }
 }

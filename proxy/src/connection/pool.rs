@@ -265,10 +265,10 @@ impl<K: Eq + Hash + Clone + Ord, V: Clone> DashMapConnectionPool<K, V> {
     }
 
     fn first_deadline(&self, now: u64) -> u64 {
-        let idle = now + self.idle_ms.load(Ordering::Relaxed);
+        let idle = now.saturating_add(self.idle_ms.load(Ordering::Relaxed));
         match self.max_age_ms.load(Ordering::Relaxed) {
             0 => idle,
-            max_age => idle.min(now + max_age),
+            max_age => idle.min(now.saturating_add(max_age)),
         }
     }
 
@@ -276,10 +276,12 @@ impl<K: Eq + Hash + Clone + Ord, V: Clone> DashMapConnectionPool<K, V> {
     fn deadline_of(&self, entry: &PoolEntry<V>) -> (u64, Expired) {
         #[cfg(test)]
         self.examined.fetch_add(1, Ordering::Relaxed);
-        let idle = entry.last_used.load(Ordering::Relaxed) + self.idle_ms.load(Ordering::Relaxed);
+        let idle = entry.last_used.load(Ordering::Relaxed).saturating_add(self.idle_ms.load(Ordering::Relaxed));
         match self.max_age_ms.load(Ordering::Relaxed) {
             0 => (idle, Expired::Idle),
-            max_age if entry.slot.admitted + max_age <= idle => (entry.slot.admitted + max_age, Expired::MaxAge),
+            max_age if entry.slot.admitted.saturating_add(max_age) <= idle => {
+                (entry.slot.admitted.saturating_add(max_age), Expired::MaxAge)
+            }
             _ => (idle, Expired::Idle),
         }
     }

@@ -209,7 +209,7 @@ pub(crate) async fn pump(
     }
     let mut down = Half::default();
     let mut last_activity = Instant::now();
-    let mut idle_timer = pin!(tokio::time::sleep_until(last_activity + idle));
+    let mut idle_timer = pin!(tokio::time::sleep_until(super::later(last_activity, idle)));
     let mut cancelled = pin!(cut.cancelled());
     // Without a maximum duration no timer is registered at all.
     let mut lifetime = pin!(async {
@@ -263,7 +263,7 @@ pub(crate) async fn pump(
         }
         // Re-arming only when the timer fires keeps timer work off the per-read path.
         while idle_timer.as_mut().poll(cx).is_ready() {
-            let deadline = last_activity + idle;
+            let deadline = super::later(last_activity, idle);
             if Instant::now() >= deadline {
                 return Poll::Ready((CloseReason::IdleTimeout, None));
             }

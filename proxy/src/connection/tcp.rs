@@ -132,7 +132,7 @@ impl ConnectionManager for TcpConnectionManager {
         };
         let connect_time = context.started.elapsed();
         settings.metrics.connect_time.observe(connect_time.as_secs_f64());
-        let deadline = limits.max_connection_duration.map(|d| context.started + d.get());
+        let deadline = limits.max_connection_duration.map(|d| super::later(context.started, d.get()));
         let mut metrics = ConnectionMetrics::new(context);
         metrics.backend_name = Some(lease.backend().address().clone());
         metrics.backend = Some(address);
@@ -224,7 +224,7 @@ impl ProbeRead {
 /// decides, the client stops sending, or `timeout` passes. A client that sends nothing in time
 /// (a server-speaks-first protocol) is not an error: it gets the default route.
 async fn read_probe(client: &TcpStream, buf: &mut Vec<u8>, timeout: Duration) -> ProbeRead {
-    let deadline = Instant::now() + timeout;
+    let deadline = super::later(Instant::now(), timeout);
     buf.reserve_exact(MAX_TCP_PROBE_BYTES);
     loop {
         let outcome = |result| ProbeRead { result, client_finished: false };

@@ -472,11 +472,7 @@ impl ConnectionManager for UdpConnectionManager {
         let no_backend = || ConnectionError::NoBackend { listener: listener(), src: source, attempts: 0 };
         let backend = backends.pick(source.ip()).ok_or_else(no_backend)?;
         let address = *backend.state.resolved().first().ok_or_else(no_backend)?;
-        let upstream = connect_upstream(address).map_err(|e| ConnectionError::ConnectionFailed {
-            src: source,
-            dst: address,
-            source: e,
-        })?;
+        let upstream = connect_upstream(address).map_err(|e| super::connect_error(source, address, e))?;
         backend.state.record_success();
         let header = backend.proxy_protocol.map(|version| {
             debug_assert_eq!(version, ProxyProtocolVersion::V2, "checked by config validation");
@@ -566,6 +562,10 @@ impl ConnectionManager for UdpConnectionManager {
         report.close_reason = reason;
         report.close();
         report
+    }
+
+    fn release(&self, context: &ConnectionContext) {
+        self.pool.remove(&(context.source, context.destination));
     }
 
     fn connection_count(&self) -> usize {

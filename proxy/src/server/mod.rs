@@ -50,6 +50,35 @@ struct State {
     admin: Option<RunningAdmin>,
 }
 
+/// Descriptors the process needs besides its connections (runtime, listeners, admin server,
+/// log output, config reads), with room to spare.
+const BASE_DESCRIPTORS: u64 = 64 + admin::MAX_CONNECTIONS as u64;
+
+/// Warns when the listeners' limits need more file descriptors than the process may open:
+/// past that, connections fail with `reason="local_error"` (and accepts fail) before
+/// `maxConnections` is reached. A TCP connection takes two descriptors, a UDP session one.
+fn warn_if_descriptors_short(config: &Config) {
+    let needed: u64 = BASE_DESCRIPTORS
+        + config
+            .listeners
+            .iter()
+            .map(|l| {
+                let per = if l.protocol == crate::config::Protocol::Tcp { 2 } else { 1 };
+                per * u64::from(l.limits.max_connections)
+            })
+            .sum::<u64>();
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _)) if soft < needed => tracing::warn!(
+            needed,
+            limit = soft,
+            "the listeners' maxConnections need more file descriptors than the process may open (RLIMIT_NOFILE); \
+             beyond the limit new connections fail with reason=local_error: raise the limit or lower maxConnections"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open-file limit"),
+    }
+}
+
 /// Could not (re)configure: nothing was changed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -57,6 +86,8 @@ pub enum ApplyError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
 }
 
 impl ApplyError {
@@ -64,6 +95,7 @@ impl ApplyError {
         match self {
             Self::Config(e) => e.label(),
             Self::Bind(_) => "bind_failed",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 }
@@ -151,6 +183,11 @@ impl Proxy {
     /// connections of every listener run on untouched.
     pub fn apply(self: &Arc<Self>, config: Config) -> Result<(), ApplyError> {
         let mut state = self.lock_state();
+        // Checked under the state lock that shutdown takes after setting it: a reload that
+        // finishes during the drain binds nothing new.
+        if self.draining.load(Ordering::Acquire) {
+            return Err(ApplyError::ShuttingDown);
+        }
         let mut fresh = Vec::new();
         for (i, listener) in config.listeners.iter().enumerate() {
             if !state.listeners.iter().any(|r| r.is(listener)) {
@@ -193,6 +230,7 @@ impl Proxy {
         if let Some((address, socket)) = admin {
             state.admin = Some(self.spawn_admin(address, socket));
         }
+        warn_if_descriptors_short(&config);
         self.config.store(Arc::new(config));
         Ok(())
     }
