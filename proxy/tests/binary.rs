@@ -22,8 +22,21 @@ struct Running {
 
 impl Running {
     async fn start(dir: &Path, config: &Path, extra: &[&str], admin: SocketAddr) -> Self {
+        Self::start_under(&[], dir, config, extra, admin).await
+    }
+
+    /// Like [`Self::start`], run by `wrapper` (e.g. `prlimit --nofile=256:256`).
+    async fn start_under(wrapper: &[&str], dir: &Path, config: &Path, extra: &[&str], admin: SocketAddr) -> Self {
         let log = dir.join("l4proxy.log");
-        let child = Command::new(BIN)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(BIN);
+                command
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .args(["--log-format", "json", "run", "--config"])
             .arg(config)
             .args(extra)
@@ -156,6 +169,35 @@ fn run_with_a_bad_value_exits_64_naming_field_and_value_before_binding() {
 }
 
 #[test]
+fn check_refuses_a_duration_beyond_720h_naming_the_field_with_exit_code_64() {
+    let dir = temp_dir("duration");
+    let config = write_config(
+        &dir,
+        "listeners:\n- name: web\n  address: 127.0.0.1:8080\n  backends: [{address: 127.0.0.1:9000}]\n  limits: {idleTimeout: 18446744073709551615s}\n",
+    );
+    let out = check(&config);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listeners[0].limits.idleTimeout") && stderr.contains("at most 720h"), "{stderr}");
+}
+
+#[test]
+fn check_refuses_hostile_nesting_and_size_before_parsing_naming_the_limit() {
+    let dir = temp_dir("nesting");
+    let nested = format!("listeners: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let out = check(&write_config(&dir, &nested));
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nested deeper than 32"), "{stderr}");
+
+    let huge = format!("# {}\nlisteners: []\n", "x".repeat(9 << 20));
+    let out = check(&write_config(&dir, &huge));
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("larger than the 8 MiB"), "{stderr}");
+}
+
+#[test]
 fn run_with_a_missing_file_exits_64_naming_it() {
     let out = Command::new(BIN).args(["run", "--config", "/nonexistent/l4proxy.yaml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -236,6 +278,39 @@ async fn changed_file_is_reloaded_and_an_invalid_one_changes_nothing_and_is_coun
     wait_until_async("listener b accepts", || async { TcpStream::connect(b_address).await.is_ok() }).await;
     echo_through(b_address).await;
     echo_through(a_address).await;
+}
+
+#[tokio::test]
+async fn sigterm_right_after_the_reload_of_a_hostile_file_exits_at_once() {
+    let (mut proxy, _echo, _address) = proxy_with_one_listener("hostile", &["--watch-interval", "1h"]).await;
+    let dir = proxy.log.parent().unwrap().to_owned();
+    // 300 KB of nested flow sequences: 65 s of parsing before nesting was bounded.
+    write_config(&dir, &format!("listeners: {}{}\n", "[".repeat(150_000), "]".repeat(150_000)));
+    proxy.signal("HUP");
+    wait_until("the reload has begun", || proxy.log().contains("reloading the config")).await;
+    proxy.signal("TERM");
+    assert!(proxy.wait_exit().await.success(), "{}", proxy.log());
+}
+
+#[tokio::test]
+async fn start_warns_when_the_limits_need_more_descriptors_than_the_process_may_open() {
+    let dir = temp_dir("nofile");
+    let echo = Echo::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(
+        &dir,
+        &format!(
+            "admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n{}  limits: {{maxConnections: 10000}}\n",
+            listener("web", port, echo.address)
+        ),
+    );
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let proxy = Running::start_under(&["prlimit", "--nofile=256:256"], &dir, &config, &[], admin).await;
+    wait_until("the descriptor warning is logged", || proxy.log().contains("need more file descriptors")).await;
+    let line = proxy.log().lines().find(|l| l.contains("need more file descriptors")).unwrap().to_owned();
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!((line["limit"].as_u64(), line["needed"].as_u64()), (Some(256), Some(20_128)), "{line}");
+    echo_through(format!("127.0.0.1:{port}").parse().unwrap()).await;
 }
 
 #[tokio::test]

@@ -464,3 +464,63 @@ async fn readiness_fails_naming_a_listener_whose_accept_loop_died() {
     assert_eq!(failures, 1.0, "counted once");
     assert!(!proxy.stats().ready);
 }
+
+/// Reads until the stream ends; the error that ended it, or `None` for a clean EOF.
+async fn end_of(stream: &mut TcpStream) -> Option<std::io::ErrorKind> {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await.expect("the stream ends in time") {
+            Ok(0) => return None,
+            Ok(_) => continue,
+            Err(e) => return Some(e.kind()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_backend_reset_reaches_the_client_as_a_reset() {
+    // Asked for something, the backend sends a part and resets the connection (RST, not FIN).
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = server.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = server.accept().await {
+            let mut request = [0u8; 2];
+            let _ = stream.read_exact(&mut request).await;
+            let _ = stream.write_all(b"partial").await;
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        }
+    });
+    let (proxy, address) = proxy_to(&[backend], "").await;
+    for _ in 0..20 {
+        let mut client = TcpStream::connect(address).await.unwrap();
+        client.write_all(b"go").await.unwrap();
+        assert_eq!(end_of(&mut client).await, Some(std::io::ErrorKind::ConnectionReset));
+    }
+    wait_until("every close is counted", || proxy.stats().listeners[0].closed["backend_error"] == 20).await;
+}
+
+#[tokio::test]
+async fn a_client_reset_reaches_the_backend_as_a_reset() {
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = server.local_addr().unwrap();
+    let (ends_tx, mut ends) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = server.accept().await {
+            let ends_tx = ends_tx.clone();
+            tokio::spawn(async move {
+                let _ = stream.write_all(b"hello").await;
+                let _ = ends_tx.send(end_of(&mut stream).await);
+            });
+        }
+    });
+    let (_proxy, address) = proxy_to(&[backend], "").await;
+    for _ in 0..20 {
+        let mut client = TcpStream::connect(address).await.unwrap();
+        let mut hello = [0u8; 5];
+        client.read_exact(&mut hello).await.unwrap();
+        socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(client);
+        let end = tokio::time::timeout(DEADLINE, ends.recv()).await.unwrap().unwrap();
+        assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset));
+    }
+}

@@ -122,6 +122,12 @@ impl Half {
     ) -> Result<usize, Failure> {
         let n = read_drained(src, buf).map_err(Failure::Read)?;
         if n == 0 {
+            // A reset that arrived while data was still queued is reported by a later read as
+            // an end of stream (the kernel checks for the end before the pending error): look
+            // for the error, so a reset is not mistaken for a clean finish.
+            if let Ok(Some(reset)) = src.take_error() {
+                return Err(Failure::Read(reset));
+            }
             self.read_done = true;
             self.finished_at = Some(Instant::now());
             self.finish_if_drained(dst, other_done)?;

@@ -160,6 +160,17 @@ impl ConnectionManager for TcpConnectionManager {
             let bounds = Bounds { idle: limits.idle_timeout.get(), deadline, cut: &self.cut };
             pump(&client, &backend, client_finished, bounds, counters).await
         };
+        if let Some(ConnectionError::Broken { leg, source }) = &outcome.error
+            && is_reset(source)
+        {
+            // A reset is passed on as a reset, so the other side can tell a cut-off transfer
+            // from a finished one: closing with a zero linger sends RST instead of FIN.
+            let other = match leg {
+                Leg::Client => &backend,
+                Leg::Backend => &client,
+            };
+            let _ = socket2::SockRef::from(other).set_linger(Some(Duration::ZERO));
+        }
         drop((client, backend, lease));
 
         let started = metrics.context.started;
@@ -181,6 +192,11 @@ impl ConnectionManager for TcpConnectionManager {
     fn max_connections(&self) -> usize {
         self.admission.max()
     }
+}
+
+/// Whether a leg failed because its peer reset it (or is gone, for a write).
+fn is_reset(error: &std::io::Error) -> bool {
+    matches!(error.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)
 }
 
 /// Reads a PROXY protocol header when the peer is trusted. Returns the carried addresses

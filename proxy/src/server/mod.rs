@@ -238,6 +238,7 @@ impl Proxy {
     /// Loads `path` and applies it. A bad file or a failed bind changes nothing; either way
     /// the attempt is counted and logged.
     pub async fn reload_from(self: &Arc<Self>, path: &Path) -> Result<(), ApplyError> {
+        tracing::info!(path = %path.display(), "reloading the config");
         let result = match config::load(path).await {
             Ok(config) if config == **self.config.load() => {
                 tracing::debug!(path = %path.display(), "config unchanged");
