@@ -110,6 +110,12 @@ pub enum ParseError {
     /// The v2 version nibble is not 2.
     #[error("PROXY v2 signature followed by unsupported protocol version {0}")]
     UnsupportedVersion(u8),
+    /// A v2 TLV's length runs past the end of the header.
+    #[error("malformed PROXY v2 header: the TLV at byte {at} of the address block claims {len} bytes, {left} are left")]
+    V2TlvOverrun { at: usize, len: usize, left: usize },
+    /// A v2 header for a datagram (UDP) transport on a stream (TCP) connection.
+    #[error("malformed PROXY v2 header: it announces a datagram (UDP) transport on a TCP connection")]
+    V2DatagramOnStream,
     /// v2 AF_UNIX addresses: a socket path cannot stand in for a client address.
     #[error("PROXY v2 header carries AF_UNIX addresses, which are not supported")]
     UnsupportedUnix,
@@ -125,7 +131,9 @@ impl ParseError {
             | Self::V1InvalidPort(_)
             | Self::V2InvalidCommand(_)
             | Self::V2InvalidFamily(_)
-            | Self::V2ShortAddresses { .. } => "malformed",
+            | Self::V2ShortAddresses { .. }
+            | Self::V2TlvOverrun { .. }
+            | Self::V2DatagramOnStream => "malformed",
             Self::V1TooLong | Self::V2TooLong(_) => "too_long",
             Self::UnsupportedVersion(_) | Self::UnsupportedUnix => "unsupported",
         }
@@ -382,13 +390,33 @@ fn v2_family(command: Command, byte: u8) -> Result<V2Family, ParseError> {
     }
 }
 
-/// Reads the addresses from the start of the block; whatever follows them is TLVs, skipped.
+/// Reads the addresses from the start of the block; whatever follows them is TLVs, which are
+/// skipped once their lengths are checked to fit the block.
 fn v2_addresses(family: V2Family, block: &[u8]) -> Result<Addresses, ParseError> {
-    match family {
-        V2Family::Unspec => Ok(Addresses::Local),
-        V2Family::Inet => v2_inet::<4>(block, "INET", IpAddr::from),
-        V2Family::Inet6 => v2_inet::<16>(block, "INET6", IpAddr::from),
+    let (addresses, tlvs_at) = match family {
+        V2Family::Unspec => return Ok(Addresses::Local),
+        V2Family::Inet => (v2_inet::<4>(block, "INET", IpAddr::from)?, 12),
+        V2Family::Inet6 => (v2_inet::<16>(block, "INET6", IpAddr::from)?, 36),
+    };
+    check_tlvs(block, tlvs_at)?;
+    Ok(addresses)
+}
+
+/// Walks the TLVs from `at` to the end of `block`: each is a type byte, a 2-byte big-endian
+/// length and that many bytes, and the last must end exactly where the block does.
+fn check_tlvs(block: &[u8], mut at: usize) -> Result<(), ParseError> {
+    while at < block.len() {
+        let left = block.len() - at;
+        let len = match block.get(at + 1..at + 3) {
+            Some(&[high, low]) => usize::from(u16::from_be_bytes([high, low])),
+            _ => return Err(ParseError::V2TlvOverrun { at, len: 3, left }),
+        };
+        if 3 + len > left {
+            return Err(ParseError::V2TlvOverrun { at, len: 3 + len, left });
+        }
+        at += 3 + len;
     }
+    Ok(())
 }
 
 /// Reads `src addr (N bytes), dst addr (N bytes), src port, dst port` (big-endian ports).
@@ -534,6 +562,9 @@ pub async fn read_header(stream: &TcpStream, timeout: Duration) -> Result<Header
 /// [`read_header`] without its time limit.
 async fn read_header_unbounded(stream: &TcpStream) -> Result<Header, ReadError> {
     let header = peek_header(stream).await?;
+    if header.datagram {
+        return Err(ParseError::V2DatagramOnStream.into());
+    }
     consume(stream, header.len).await?;
     Ok(header)
 }
@@ -904,8 +935,13 @@ mod tests {
         let error = parse(bytes.get(..16).expect("fixed part")).expect_err("too long");
         assert_eq!(error, ParseError::V2TooLong(MAX_HEADER_LEN + 1));
         assert_eq!(error.label(), "too_long");
-        let at_limit = v2_raw(0x21, 0x11, &[0; MAX_V2_PAYLOAD]);
-        assert_eq!(parsed(&at_limit).len, MAX_HEADER_LEN);
+        // Addresses, then one NOOP TLV filling the rest.
+        let noop_len = MAX_V2_PAYLOAD - INET_BLOCK.len() - 3;
+        let mut block = INET_BLOCK.to_vec();
+        block.push(0x04);
+        block.extend_from_slice(&u16::try_from(noop_len).expect("fits").to_be_bytes());
+        block.resize(MAX_V2_PAYLOAD, 0);
+        assert_eq!(parsed(&v2_raw(0x21, 0x11, &block)).len, MAX_HEADER_LEN);
     }
 
     #[test]
@@ -925,6 +961,19 @@ mod tests {
         let header = parsed(&bytes);
         assert_eq!(header.len, 16 + block.len());
         assert_eq!(header.addresses, proxied("10.0.0.1:1000", "10.0.0.2:2000"));
+    }
+
+    #[test]
+    fn v2_tlv_whose_length_runs_past_the_header_is_refused() {
+        let mut block = INET_BLOCK.to_vec();
+        block.extend_from_slice(&[0x01, 0x00, 0x09, b'h', b'2']);
+        let overrun = ParseError::V2TlvOverrun { at: 12, len: 12, left: 5 };
+        assert_eq!(parse(&v2_raw(0x21, 0x11, &block)), Err(overrun));
+        // Two bytes where a TLV needs at least three.
+        let mut block = INET_BLOCK.to_vec();
+        block.extend_from_slice(&[0x01, 0x00]);
+        assert_eq!(parse(&v2_raw(0x21, 0x11, &block)), Err(ParseError::V2TlvOverrun { at: 12, len: 3, left: 2 }));
+        assert_eq!(overrun.label(), "malformed");
     }
 
     #[test]

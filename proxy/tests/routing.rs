@@ -327,6 +327,27 @@ async fn trusted_peer_without_a_proxy_header_is_closed_and_counted() {
 }
 
 #[tokio::test]
+async fn proxy_header_announcing_a_datagram_transport_on_a_tcp_listener_is_refused() {
+    let (backend, mut seen) = recording_backend("ok").await;
+    let yaml = format!(
+        "listeners:\n- name: pp\n  address: 127.0.0.1:0\n  acceptProxyProtocol: {{trustedSources: ['127.0.0.1/32']}}\n  backends: [{{address: '{backend}'}}]\n"
+    );
+    let proxy = start_proxy(&yaml).await;
+    let mut header = Vec::new();
+    proxy_protocol::write_v2_datagram_header(
+        "10.0.0.1:1000".parse().unwrap(),
+        "10.0.0.2:53".parse().unwrap(),
+        &mut header,
+    );
+    let mut stream = TcpStream::connect(proxy.listener_address("pp").unwrap()).await.unwrap();
+    stream.write_all(&header).await.unwrap();
+    stream.write_all(b"hello").await.unwrap();
+    assert!(read_to_eof(&mut stream).await.map(|b| b.is_empty()).unwrap_or(true));
+    wait_until("the close is counted", || proxy.stats().listeners[0].closed["proxy_protocol"] == 1).await;
+    assert!(seen.try_recv().is_err(), "nothing reached the backend");
+}
+
+#[tokio::test]
 async fn untrusted_peer_is_closed_and_counted() {
     let (backend, _) = recording_backend("ok").await;
     let yaml = format!(

@@ -131,7 +131,7 @@ pub enum ConnectionError {
     UntrustedSource { listener: Arc<str>, src: SocketAddr },
 
     /// A trusted peer sent no valid PROXY protocol header.
-    #[error("listener {listener}: no valid PROXY protocol header from {src}")]
+    #[error("listener {listener}: no valid PROXY protocol header from {src}: {source}")]
     ProxyHeader {
         listener: Arc<str>,
         src: SocketAddr,
