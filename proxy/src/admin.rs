@@ -13,6 +13,7 @@ use crate::{server::Proxy, telemetry};
 
 impl telemetry::Observed for Proxy {
     fn metrics_text(&self) -> String {
+        self.follow_kernel_counters();
         self.metrics().encode()
     }
 

@@ -11,10 +11,11 @@
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers, read and written.
 //! - [`server`]: the running proxy: binding, accept loops, listener health, reload, stats, drain.
 //! - [`admin`]: the admin HTTP server.
+//! - `sys`: the one module that calls the kernel directly (a socket option).
 //! - [`telemetry`]: logging, metrics text and the health/metrics HTTP server, shared with the operator.
 
 #![deny(rust_2018_idioms)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod backend;
@@ -26,6 +27,8 @@ pub mod probe;
 pub mod proxy_protocol;
 pub mod routing;
 pub mod server;
+#[allow(unsafe_code)]
+mod sys;
 pub mod telemetry;
 
 pub use connection::{

@@ -82,6 +82,7 @@ pub struct Metrics {
     backend_resolve_failures: Family<BackendLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     listener_failures: Family<ListenerLabels, Counter>,
+    receive_drops: Family<ListenerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -115,6 +116,7 @@ impl Metrics {
             backend_resolve_failures: Family::default(),
             reloads: Family::default(),
             listener_failures: Family::default(),
+            receive_drops: Family::default(),
         };
         let r = &mut m.registry;
         r.register("connections_accepted", "Connections admitted by a listener", m.accepted.clone());
@@ -154,6 +156,11 @@ impl Metrics {
         );
         r.register("config_reloads", "Config reloads, by result", m.reloads.clone());
         r.register(
+            "udp_receive_drops",
+            "Datagrams the kernel dropped before the proxy read them (receive buffer full), per UDP listener",
+            m.receive_drops.clone(),
+        );
+        r.register(
             "listener_failures",
             "Listeners whose accept or receive loop died (the listener is down: /readyz fails)",
             m.listener_failures.clone(),
@@ -184,6 +191,7 @@ impl Metrics {
             }),
             pool_size: handle(&self.pool_size, &l),
             pool_expired: handle(&self.pool_expired, &l),
+            receive_drops: handle(&self.receive_drops, &l),
             connect_time: handle(&self.connect_time, &l),
             duration: handle(&self.duration, &l),
         }
@@ -250,6 +258,8 @@ pub struct ListenerMetrics {
     refused: Arc<Refused>,
     pub pool_size: Gauge,
     pub pool_expired: Counter,
+    /// Follows the kernel's count of the listening socket ([`Self::follow_receive_drops`]).
+    receive_drops: Counter,
     pub connect_time: Histogram,
     pub duration: Histogram,
 }
@@ -265,6 +275,16 @@ impl ListenerMetrics {
             DropReason::ProbeOverflow => &self.probe_overflow,
             DropReason::Refused(why) => self.refused.counter(why),
         }
+    }
+
+    /// Brings the kernel-drop counter up to `total`, the kernel's own (monotonic) count.
+    /// Callers serialise (the proxy does it under its state lock), so no rise is counted twice.
+    pub fn follow_receive_drops(&self, total: u64) {
+        self.receive_drops.inc_by(total.saturating_sub(self.receive_drops.get()));
+    }
+
+    pub fn receive_drops(&self) -> u64 {
+        self.receive_drops.get()
     }
 
     /// Dropped datagrams by reason label: the fixed reasons, and each refusal that happened.

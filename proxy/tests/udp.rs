@@ -178,3 +178,25 @@ async fn busy_udp_session_ends_at_max_connection_duration_and_the_next_datagram_
     assert_ne!(port_of(&first), port_of(&next), "a new session, a new upstream socket");
     assert_eq!(proxy.stats().listeners[0].accepted, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_500_new_clients_is_held_by_the_receive_buffer_and_none_is_lost() {
+    let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+    assert!(rmem_max >= 1 << 20, "this test needs net.core.rmem_max >= 1 MiB for the default buffer, not {rmem_max}");
+    // 500 client sockets and 500 session sockets: more than a default soft limit of 1024.
+    rlimit::increase_nofile_limit(4096).unwrap();
+    let echo = udp_echo().await;
+    let (proxy, address) = udp_proxy(&[echo], "maxConnections: 1000").await;
+    let clients: Vec<std::net::UdpSocket> =
+        (0..500).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    // All at once: the datagrams wait in the listener's receive buffer while sessions are set up.
+    for client in &clients {
+        client.send_to(&[7u8; 64], address).unwrap();
+    }
+    let received = || proxy.stats().listeners[0].udp.as_ref().unwrap().datagrams_received;
+    wait_until("every datagram is read", || received() == 500).await;
+    assert_eq!(proxy.stats().listeners[0].udp.as_ref().unwrap().kernel_drops, 0);
+    assert_eq!(proxy.stats().listeners[0].accepted, 500);
+    let (_, metrics) = http_get(proxy.admin_address().unwrap(), "/metrics").await;
+    assert!(metrics.contains(r#"l4proxy_udp_receive_drops_total{listener="dns"} 0"#), "the series is there");
+}

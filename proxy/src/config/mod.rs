@@ -15,8 +15,8 @@ pub use schema::{
 };
 pub use validate::{
     BackendConfig, BackendTarget, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EJECTION_COOLDOWN, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_PROBE_TIMEOUT, DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_UDP_IDLE_TIMEOUT, EffectiveLimits, ListenerConfig,
-    MAX_BACKENDS, RouteConfig, ServerName, check, resolve,
+    DEFAULT_PROBE_TIMEOUT, DEFAULT_RECEIVE_BUFFER, DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_UDP_IDLE_TIMEOUT, EffectiveLimits,
+    ListenerConfig, MAX_BACKENDS, RouteConfig, ServerName, check, resolve,
 };
 
 /// A config that cannot be used. `Display` starts with the field path.

@@ -7,7 +7,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::ConfigDuration;
-use super::validate::{MAX_BACKENDS, MAX_MAX_CONNECTIONS, MAX_ROUTES, MAX_WEIGHT};
+use super::validate::{
+    MAX_BACKENDS, MAX_MAX_CONNECTIONS, MAX_RECEIVE_BUFFER, MAX_ROUTES, MAX_WEIGHT, MIN_RECEIVE_BUFFER,
+};
 
 /// Most listeners in one config or resource (bounds the uniqueness checks, in the proxy and in
 /// the API server's CEL rules).
@@ -271,6 +273,13 @@ pub struct Limits {
     /// `max_downstream_connection_duration`: it makes long-lived clients move to new backends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connection_duration: Option<ConfigDuration>,
+    /// UDP listeners only: the listening socket's receive buffer, which holds datagrams the
+    /// proxy has not read yet (a burst of new clients, whose sessions take longer to set up).
+    /// Default 1048576 (1 MiB); 4096 to 268435456. The kernel caps it at `net.core.rmem_max`
+    /// (a warning says so); datagrams it drops show in `l4proxy_udp_receive_drops_total`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = MIN_RECEIVE_BUFFER, max = MAX_RECEIVE_BUFFER))]
+    pub receive_buffer_bytes: Option<u32>,
     /// With routes: how long to wait for the client's first bytes before using the default
     /// route (a client that sends nothing, e.g. a server-speaks-first protocol, is never
     /// dropped for it). Default 3s.

@@ -24,6 +24,12 @@ pub const DEFAULT_CONNECT_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(5)
 pub const DEFAULT_TCP_IDLE_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(300);
 /// Default for `limits.idleTimeout` on UDP listeners (sessions).
 pub const DEFAULT_UDP_IDLE_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(60);
+/// Default for `limits.receiveBufferBytes` (UDP listeners): room for a burst of about a
+/// thousand small datagrams from new clients.
+pub const DEFAULT_RECEIVE_BUFFER: u32 = 1 << 20;
+/// Bounds for `limits.receiveBufferBytes`.
+pub const MIN_RECEIVE_BUFFER: u32 = 4096;
+pub const MAX_RECEIVE_BUFFER: u32 = 256 << 20;
 /// Default for `limits.probeTimeout`.
 pub const DEFAULT_PROBE_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(3);
 /// Most routes per listener (each new connection is matched against all of them).
@@ -154,6 +160,9 @@ pub struct EffectiveLimits {
     pub probe_timeout: ConfigDuration,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connection_duration: Option<ConfigDuration>,
+    /// UDP listeners only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receive_buffer_bytes: Option<u32>,
 }
 
 impl Config {
@@ -460,7 +469,24 @@ fn check_limits(path: &str, limits: &schema::Limits, protocol: Protocol) -> Resu
             Some(d) => Some(positive("maxConnectionDuration", Some(d), d)?),
             None => None,
         },
+        receive_buffer_bytes: check_receive_buffer(path, limits.receive_buffer_bytes, protocol)?,
     })
+}
+
+fn check_receive_buffer(path: &str, bytes: Option<u32>, protocol: Protocol) -> Result<Option<u32>, ConfigError> {
+    match (protocol, bytes) {
+        (Protocol::Tcp, None) => Ok(None),
+        (Protocol::Tcp, Some(_)) => Err(ConfigError::invalid(
+            format!("{path}.receiveBufferBytes"),
+            "applies to UDP listeners only (a TCP connection's buffers are the kernel's to size)",
+        )),
+        (Protocol::Udp, None) => Ok(Some(DEFAULT_RECEIVE_BUFFER)),
+        (Protocol::Udp, Some(b)) if (MIN_RECEIVE_BUFFER..=MAX_RECEIVE_BUFFER).contains(&b) => Ok(Some(b)),
+        (Protocol::Udp, Some(b)) => Err(ConfigError::invalid(
+            format!("{path}.receiveBufferBytes"),
+            format!("{b} is out of range {MIN_RECEIVE_BUFFER}..={MAX_RECEIVE_BUFFER}"),
+        )),
+    }
 }
 
 fn parse_socket_addr(path: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -630,6 +656,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.listeners[0].limits.idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT);
+    }
+
+    #[test]
+    fn receive_buffer_is_for_udp_listeners_within_its_range() {
+        let udp = checked(
+            "listeners:\n- name: dns\n  protocol: UDP\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n",
+        )
+        .unwrap();
+        assert_eq!(udp.listeners[0].limits.receive_buffer_bytes, Some(DEFAULT_RECEIVE_BUFFER));
+        let err = error_of(
+            "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n  limits: {receiveBufferBytes: 65536}\n",
+        );
+        assert!(err.starts_with("listeners[0].limits.receiveBufferBytes:") && err.contains("UDP"), "{err}");
+        let err = error_of(
+            "listeners:\n- name: dns\n  protocol: UDP\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n  limits: {receiveBufferBytes: 100}\n",
+        );
+        assert!(err.starts_with("listeners[0].limits.receiveBufferBytes:") && err.contains("100"), "{err}");
     }
 
     #[test]

@@ -102,6 +102,10 @@ pub trait ListenerManager: Send + Sync {
     fn update(&self, config: ListenerConfig, metrics: &Metrics);
     /// Open connections (TCP) or sessions (UDP) as a pool.
     fn pool_stats(&self) -> PoolStats;
+    /// Packets the kernel dropped on the listening socket, where it counts them (UDP).
+    fn receive_drops(&self) -> Option<u64> {
+        None
+    }
     /// At shutdown, ends what does not end by itself (UDP sessions); TCP connections drain.
     fn close_all(&self) {}
 }

@@ -175,6 +175,7 @@ impl UdpConnectionManager {
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
         let local = socket.local_addr()?;
         let pool = DashMapConnectionPool::new(settings.limits().max_connections as usize, expiry(&settings));
+        size_receive_buffer(&socket, &settings)?;
         Ok(Self {
             settings: ArcSwap::from_pointee(settings),
             socket: Arc::new(socket),
@@ -187,6 +188,11 @@ impl UdpConnectionManager {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The listening socket's receive buffer as the kernel sized it.
+    pub fn receive_buffer(&self) -> io::Result<usize> {
+        effective_receive_buffer(&self.socket)
     }
 
     /// Sockets to read the listener from: the listener socket and `count - 1` duplicates of it,
@@ -400,6 +406,11 @@ impl ListenerManager for UdpConnectionManager {
     /// (`reason="evicted"`).
     fn update(&self, config: ListenerConfig, metrics: &Metrics) {
         let next = ListenerSettings::new(config, Some(&self.settings.load()), metrics);
+        if next.limits().receive_buffer_bytes != self.settings.load().limits().receive_buffer_bytes
+            && let Err(error) = size_receive_buffer(&self.socket, &next)
+        {
+            tracing::warn!(listener = %next.name, %error, "cannot resize the receive buffer; it stays as it was");
+        }
         self.pool.set_limits(next.limits().max_connections as usize, expiry(&next));
         let kept: Vec<String> = next.config.all_backends().map(|b| b.address.clone()).collect();
         self.settings.store(Arc::new(next));
@@ -415,12 +426,39 @@ impl ListenerManager for UdpConnectionManager {
         self.pool.stats()
     }
 
+    fn receive_drops(&self) -> Option<u64> {
+        crate::sys::receive_drops(&*self.socket).ok()
+    }
+
     fn close_all(&self) {
         for (_, session) in self.pool.drain() {
             session.end(CloseReason::Shutdown);
         }
         self.probing.clear();
     }
+}
+
+/// Sets the listening socket's receive buffer to the configured size, and warns when the kernel
+/// grants less (it caps the request at `net.core.rmem_max`).
+fn size_receive_buffer(socket: &UdpSocket, settings: &ListenerSettings) -> io::Result<()> {
+    let Some(wanted) = settings.limits().receive_buffer_bytes else { return Ok(()) };
+    socket2::SockRef::from(socket).set_recv_buffer_size(wanted as usize)?;
+    let granted = effective_receive_buffer(socket)?;
+    if granted < wanted as usize {
+        tracing::warn!(
+            listener = %settings.name,
+            wanted,
+            granted,
+            "the kernel grants a smaller UDP receive buffer than configured: raise net.core.rmem_max to get it"
+        );
+    }
+    Ok(())
+}
+
+/// The receive buffer's size for datagrams: Linux reports twice what was asked (the other half
+/// is its bookkeeping), so half of the reported size.
+fn effective_receive_buffer(socket: &UdpSocket) -> io::Result<usize> {
+    Ok(socket2::SockRef::from(socket).recv_buffer_size()? / 2)
 }
 
 fn expiry(settings: &ListenerSettings) -> Expiry {

@@ -161,6 +161,16 @@ impl Proxy {
         self.readiness().is_ok()
     }
 
+    /// Brings the counters the kernel keeps (UDP receive drops) into the metrics.
+    pub fn follow_kernel_counters(&self) {
+        let state = self.lock_state();
+        for listener in &state.listeners {
+            if let Some(total) = listener.manager.receive_drops() {
+                listener.manager.settings().metrics.follow_receive_drops(total);
+            }
+        }
+    }
+
     /// Bound address of the listener named `name`.
     pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
         let state = self.lock_state();

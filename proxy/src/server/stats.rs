@@ -20,10 +20,14 @@ impl Proxy {
             .map(|running| {
                 let settings = running.manager.settings();
                 let m = &settings.metrics;
+                if let Some(total) = running.manager.receive_drops() {
+                    m.follow_receive_drops(total);
+                }
                 let udp = (settings.config.protocol == Protocol::Udp).then(|| UdpStats {
                     datagrams_received: m.datagrams_received.get(),
                     datagrams_sent: m.datagrams_sent.get(),
                     dropped: m.drop_counts().collect(),
+                    kernel_drops: m.receive_drops(),
                 });
                 let pool_stats = running.manager.pool_stats();
                 ListenerStats {
@@ -95,6 +99,8 @@ pub struct UdpStats {
     pub datagrams_received: u64,
     pub datagrams_sent: u64,
     pub dropped: BTreeMap<&'static str, u64>,
+    /// Datagrams the kernel dropped before the proxy read them (its receive buffer was full).
+    pub kernel_drops: u64,
 }
 
 #[derive(Debug, Serialize)]
