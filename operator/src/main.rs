@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::{Client, Config, config::KubeConfigOptions};
 use l4proxy::config::ConfigDuration;
-use l4proxy_operator::{OperatorConfig, controller::Options, crd::crd_yaml, lease::LeaseConfig};
+use l4proxy_operator::{OperatorConfig, api::crd::crd_yaml, lease::LeaseConfig, reconcile::Options};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]

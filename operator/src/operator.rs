@@ -15,11 +15,11 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    controller::{self, Context, Options},
-    effective::ConfigStore,
     http,
     lease::{Elector, Leadership, LeaseConfig},
     metrics::Metrics,
+    model::effective::ConfigStore,
+    reconcile::{self as controller, Context, Options},
 };
 
 pub struct OperatorConfig {

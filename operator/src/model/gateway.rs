@@ -16,7 +16,7 @@ use kube::{Resource, ResourceExt};
 use l4proxy::config::{AdminConfig, Listener, Protocol, ProxyConfig};
 use serde_json::json;
 
-use crate::crd::{GatewaySpec, L4Proxy};
+use crate::api::crd::{GatewaySpec, L4Proxy};
 
 /// Where the gateway's proxy serves `/healthz`, `/readyz` and `/metrics`.
 pub const ADMIN_PORT: u16 = 9901;

@@ -14,7 +14,7 @@ use l4proxy::config::{Backend, ConfigError, Listener, Protocol, ProxyConfig, Ser
 use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::resolve::Unresolved;
+use crate::model::resolve::Unresolved;
 
 /// A Service port a listener sends to: what is resolved from EndpointSlices.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -254,7 +254,7 @@ impl ConfigStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resolve::Why;
+    use crate::model::resolve::Why;
 
     fn listeners(yaml: &str) -> Vec<Listener> {
         serde_yaml_ng::from_str(yaml).unwrap()

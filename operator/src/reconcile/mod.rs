@@ -29,13 +29,15 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    crd::{L4Proxy, L4ProxyStatus, ListenerStatus},
-    effective::{self, ConfigStore, Resolved, ServiceKey},
-    gateway,
+    api::crd::{L4Proxy, L4ProxyStatus, ListenerStatus},
     lease::Leadership,
     metrics::{Metrics, Write},
-    resolve::{self, SERVICE_NAME_LABEL, Unresolved},
-    status::{self, ACCEPTED, Decided, READY},
+    model::{
+        conditions::{self as status, ACCEPTED, Decided, READY},
+        effective::{self, ConfigStore, Resolved, ServiceKey},
+        gateway,
+        resolve::{self, SERVICE_NAME_LABEL, Unresolved},
+    },
 };
 
 /// The one field manager for every server-side apply.
@@ -300,7 +302,7 @@ enum GatewayState {
 /// apply with force would otherwise take it over).
 async fn apply_gateway(
     proxy: &L4Proxy,
-    spec: &crate::crd::GatewaySpec,
+    spec: &crate::api::crd::GatewaySpec,
     effective: Option<&[l4proxy::config::Listener]>,
     ctx: &Context,
 ) -> Result<GatewayState, Error> {
@@ -538,7 +540,7 @@ mod tests {
         crds.patch(
             "l4proxies.l4proxy.dev",
             &PatchParams::apply("l4proxy-tests").force(),
-            &Patch::Apply(crate::crd::crd()),
+            &Patch::Apply(crate::api::crd::crd()),
         )
         .await
         .unwrap();
