@@ -5,8 +5,6 @@
 
 /// The `L4Proxy` custom resource and its CRD.
 pub mod api;
-/// `/metrics`, `/healthz`, `/readyz`.
-pub mod http;
 /// Lease-based leader election gating writes.
 pub mod lease;
 /// Operator metrics.
