@@ -1,3 +1,4 @@
-//! What the operator shares with the API server: the `L4Proxy` resource and its CRD.
+//! What the operator shares with the API server: the `L4Proxy` resource, its CRD, and labels.
 
 pub mod crd;
+pub mod labels;

@@ -10,9 +10,6 @@ use std::{collections::BTreeSet, fmt, net::SocketAddr};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use l4proxy::config::Protocol;
 
-/// The label that ties an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
 /// A Service backend that could not be resolved, with why; its `Display` is what `Ready=False`
 /// says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +105,7 @@ fn protocol_name(protocol: Protocol) -> &'static str {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::api::labels::SERVICE_NAME_LABEL;
 
     pub(crate) fn service(name: &str, ports: serde_json::Value) -> Service {
         serde_json::from_value(serde_json::json!({

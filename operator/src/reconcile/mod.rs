@@ -29,14 +29,17 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    api::crd::{L4Proxy, L4ProxyStatus, ListenerStatus},
+    api::{
+        crd::{L4Proxy, L4ProxyStatus, ListenerStatus},
+        labels::{self, SERVICE_NAME_LABEL},
+    },
     lease::Leadership,
     metrics::{Metrics, Write},
     model::{
         conditions::{self as status, ACCEPTED, Decided, READY},
         effective::{self, ConfigStore, Resolved, ServiceKey},
         gateway,
-        resolve::{self, SERVICE_NAME_LABEL, Unresolved},
+        resolve::{self, Unresolved},
     },
 };
 
@@ -149,7 +152,7 @@ pub async fn run(
         // Status writes (ours included) do not change the generation and trigger nothing.
         .predicate_filter(predicates::generation, Default::default());
 
-    let managed = watcher::Config::default().labels(&format!("{}={}", gateway::MANAGED_BY.0, gateway::MANAGED_BY.1));
+    let managed = watcher::Config::default().labels(&labels::managed_by_selector());
     let by_slice = reader.clone();
     let by_service = reader.clone();
     let config = kube::runtime::controller::Config::default().concurrency(ctx.options.max_concurrent_reconciles);
