@@ -3,17 +3,17 @@
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
-/// The `L4Proxy` custom resource and its CRD.
+/// The `L4Proxy` resource, its CRD, and the labels the operator sets and reads.
 pub mod api;
 /// Lease-based leader election gating writes.
 pub mod lease;
 /// Operator metrics.
 pub mod metrics;
-/// Pure decisions: effective config, Service resolution, conditions, gateway objects.
+/// Pure decisions: spec check, Service resolution, effective config, conditions, gateway objects.
 pub mod model;
 /// Start and stop everything together.
 pub mod operator;
-/// The reconciler and its watches.
+/// The controller: watches and their cache, the reconciler, apply, status and Events.
 pub mod reconcile;
 
 pub use api::crd::{L4Proxy, L4ProxySpec, L4ProxyStatus};

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     lease::{Elector, Leadership, LeaseConfig},
     metrics::Metrics,
-    model::effective::ConfigStore,
-    reconcile::{self as controller, Context, Options},
+    model::configs::ConfigStore,
+    reconcile::{self, Cache, Context, Options},
 };
 
 pub struct OperatorConfig {
@@ -109,9 +109,11 @@ pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Ru
         }
     });
 
+    let (cache, writers) = Cache::new();
     let ctx = Arc::new(Context {
-        recorder: controller::recorder(client.clone(), &config.options.identity),
+        recorder: reconcile::recorder(client.clone(), &config.options.identity),
         client,
+        cache,
         options: config.options,
         configs: configs.clone(),
         leadership: leadership.clone(),
@@ -121,7 +123,7 @@ pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Ru
     let controller_stop = stop.clone();
     let done = controller_done.clone();
     let controller_task = tokio::spawn(async move {
-        controller::run(ctx, controller_stop.cancelled_owned(), move || {
+        reconcile::run(ctx, writers, controller_stop.cancelled_owned(), move || {
             controller_health.ready.store(true, Ordering::Release)
         })
         .await;

@@ -44,13 +44,13 @@ impl fmt::Display for Unresolved {
 
 /// The ready addresses behind `port` of `service` (sorted, without duplicates), or why there are
 /// none. `service` is `None` when it does not exist.
-pub fn endpoints(
+pub fn endpoints<'a>(
     namespace: &str,
     name: &str,
     port: u16,
     protocol: Protocol,
     service: Option<&Service>,
-    slices: &[EndpointSlice],
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
 ) -> Result<Vec<SocketAddr>, Unresolved> {
     let unresolved = |why| Unresolved { namespace: namespace.to_owned(), name: name.to_owned(), port, why };
     let service = service.ok_or_else(|| unresolved(Why::ServiceNotFound))?;
@@ -66,7 +66,7 @@ pub fn endpoints(
     }
     let port_name = service_port.name.as_deref().unwrap_or("");
     let mut addresses = BTreeSet::new();
-    for slice in slices.iter().filter(|s| s.address_type == "IPv4" || s.address_type == "IPv6") {
+    for slice in slices.into_iter().filter(|s| s.address_type == "IPv4" || s.address_type == "IPv6") {
         let Some(target_port) = slice_port(slice, port_name, port_protocol) else { continue };
         for endpoint in slice.endpoints.iter().flatten() {
             if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
