@@ -102,7 +102,7 @@ reads() {
         END { print sum + 0 }'
 }
 # $1 reads over $2 reconciles
-per_reconcile() { echo "scale=2; $1 / $2" | bc; }
+per_reconcile() { printf '%.2f' "$(echo "scale=4; $1 / $2" | bc)"; }
 # One line per resource from the jsonpath template $1; waits until $2 of those lines satisfy
 # the grep pattern $3 (-v: do not match it), for at most 300 s.
 wait_count() {
