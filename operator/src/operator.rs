@@ -44,7 +44,7 @@ pub struct Running {
 /// The operator as `/metrics` and `/readyz` show it.
 struct Health {
     metrics: Arc<Metrics>,
-    /// Set when the first full list of `L4Proxy` resources is in.
+    /// Set when the first full list of `L4Proxy` resources is in (the last watch to list).
     ready: AtomicBool,
 }
 
