@@ -6,7 +6,10 @@
 #
 # Reports: time from operator start to all N Ready=True, reconcile count and mean duration,
 # writes, the operator's RSS; then a restart with nothing changed (time to settle, writes: must
-# be 0); then one EndpointSlice change per resource (time until every status follows).
+# be 0); then one EndpointSlice change per resource (time until every status follows). Each
+# phase also reports the API reads it caused, per reconcile (see reads below).
+#
+# L4PROXY_OPERATOR_BIN: run that binary instead of building the working tree.
 set -euo pipefail
 
 n=${1:-500}
@@ -19,8 +22,12 @@ port=18089
 
 bin_dir=$("$repo/tools/build.sh" | tail -n 1)
 kubectl="$bin_dir/kubectl"
-(cd "$repo" && cargo build -q --release -p l4proxy-operator)
-operator="$repo/target/release/l4proxy-operator"
+if [[ -n "${L4PROXY_OPERATOR_BIN:-}" ]]; then
+    operator=$L4PROXY_OPERATOR_BIN
+else
+    (cd "$repo" && cargo build -q --release -p l4proxy-operator)
+    operator="${CARGO_TARGET_DIR:-$repo/target}/release/l4proxy-operator"
+fi
 
 eval "$("$repo/tests/controlplane/up" "$RAW/cp")"
 finish() {
@@ -75,6 +82,27 @@ start_operator() {
 operator_pid() { echo "${PIDS[-1]}"; }
 metric() { curl -s "127.0.0.1:$port/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 writes() { curl -s "127.0.0.1:$port/metrics" | awk '/^l4proxy_operator_writes_total/ {s += $2} END {print s + 0}'; }
+# GET and LIST requests the API server has served so far, from its own counters
+# (apiserver_request_total; WATCH is not counted), without the two kinds that are not the
+# reconciler's: LISTs of L4Proxies (wait_count polls them; the operator's own L4Proxy list at
+# start is left out with them) and the Lease (renewed on its own timer). Non-resource requests
+# (discovery, /metrics itself) have no resource and are not counted either.
+reads() {
+    "$kubectl" get --raw /metrics | awk '
+        function label(name) {
+            if (!match($1, "[{,]" name "=\"[^\"]*\"")) return ""
+            return substr($1, RSTART + length(name) + 3, RLENGTH - length(name) - 4)
+        }
+        $1 ~ /^apiserver_request_total\{/ {
+            verb = label("verb"); resource = label("resource")
+            if (verb != "GET" && verb != "LIST") next
+            if (resource == "" || resource == "leases" || (resource == "l4proxies" && verb == "LIST")) next
+            sum += $2
+        }
+        END { print sum + 0 }'
+}
+# $1 reads over $2 reconciles
+per_reconcile() { printf '%.2f' "$(echo "scale=4; $1 / $2" | bc)"; }
 # One line per resource from the jsonpath template $1; waits until $2 of those lines satisfy
 # the grep pattern $3 (-v: do not match it), for at most 300 s.
 wait_count() {
@@ -88,6 +116,7 @@ wait_count() {
     die "timed out: $got of $want resources"
 }
 
+reads0=$(reads)
 t0=$(now)
 start_operator first
 wait_count '{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' "$n" -x True
@@ -96,22 +125,35 @@ sleep 2 # let in-flight status writes land before reading counters
 reconciles=$(metric l4proxy_operator_reconciles_total)
 dur_sum=$(metric l4proxy_operator_reconcile_duration_seconds_sum)
 rss=$(awk '/VmRSS/ {print $2}' "/proc/$(operator_pid)/status")
-printf 'all %d Ready after %.2f s; %d reconciles, mean %.1f ms; %d writes; RSS %d KiB\n' \
-    "$n" "$elapsed" "$reconciles" "$(echo "$dur_sum * 1000 / $reconciles" | bc -l)" "$(writes)" "$rss"
+read_count=$(($(reads) - reads0))
+printf 'all %d Ready after %.2f s; %d reconciles, mean %.1f ms; %d writes; %d reads (%s per reconcile); RSS %d KiB\n' \
+    "$n" "$elapsed" "$reconciles" "$(echo "$dur_sum * 1000 / $reconciles" | bc -l)" "$(writes)" \
+    "$read_count" "$(per_reconcile "$read_count" "$reconciles")" "$rss"
 stop_pid "$(operator_pid)"
 
+reads0=$(reads)
 t0=$(now)
 start_operator second
 until [[ $(metric l4proxy_operator_leader_reconciles_total) -ge $n ]] 2> /dev/null; do sleep 0.2; done
-printf 'restart: %d resources re-reconciled in %.2f s with %d writes\n' "$n" "$(since "$t0")" "$(writes)"
+elapsed=$(since "$t0")
+reconciles=$(metric l4proxy_operator_reconciles_total)
+read_count=$(($(reads) - reads0))
+printf 'restart: %d resources re-reconciled in %.2f s with %d writes; %d reconciles, %d reads (%s per reconcile)\n' \
+    "$n" "$elapsed" "$(writes)" "$reconciles" "$read_count" "$(per_reconcile "$read_count" "$reconciles")"
 
 # Each resource's configVersion changes when its Service's endpoint does.
 objects 2 > "$RAW/objects2.yaml"
 versions='{range .items[*]}{.status.configVersion}{"\n"}{end}'
 "$kubectl" get l4p -n "$ns" -o jsonpath="$versions" > "$RAW/versions-before"
+reconciles0=$(metric l4proxy_operator_reconciles_total)
+reads0=$(reads)
 t0=$(now)
 "$kubectl" apply --server-side -f "$RAW/objects2.yaml" > /dev/null
 applied=$(since "$t0")
 wait_count "$versions" "$n" -vxF -f "$RAW/versions-before"
-printf 'endpoint change on all %d Services: applied in %.2f s, every status followed after %.2f s\n' \
-    "$n" "$applied" "$(since "$t0")"
+elapsed=$(since "$t0")
+sleep 2 # let in-flight reconciles finish before reading counters
+reconciles=$(($(metric l4proxy_operator_reconciles_total) - reconciles0))
+read_count=$(($(reads) - reads0))
+printf 'endpoint change on all %d Services: applied in %.2f s, every status followed after %.2f s; %d reconciles, %d reads (%s per reconcile)\n' \
+    "$n" "$applied" "$elapsed" "$reconciles" "$read_count" "$(per_reconcile "$read_count" "$reconciles")"

@@ -3,26 +3,18 @@
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
-/// The reconciler and its watches.
-pub mod controller;
-/// The `L4Proxy` custom resource and its CRD.
-pub mod crd;
-/// Spec → effective proxy config, versioned, held for the config service.
-pub mod effective;
-/// Gateway Deployment, Service and ConfigMap.
-pub mod gateway;
-/// `/metrics`, `/healthz`, `/readyz`.
-pub mod http;
+/// The `L4Proxy` resource, its CRD, and the labels the operator sets and reads.
+pub mod api;
 /// Lease-based leader election gating writes.
 pub mod lease;
 /// Operator metrics.
 pub mod metrics;
+/// Pure decisions: spec check, Service resolution, effective config, conditions, gateway objects.
+pub mod model;
 /// Start and stop everything together.
 pub mod operator;
-/// Service backends → ready endpoint addresses.
-pub mod resolve;
-/// Conditions: merge, transitions.
-pub mod status;
+/// The controller: watches and their cache, the reconciler, apply, status and Events.
+pub mod reconcile;
 
-pub use crd::{L4Proxy, L4ProxySpec, L4ProxyStatus};
+pub use api::crd::{L4Proxy, L4ProxySpec, L4ProxyStatus};
 pub use operator::{OperatorConfig, Running, start};

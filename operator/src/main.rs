@@ -3,11 +3,13 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use kube::{Client, Config, config::KubeConfigOptions};
-use l4proxy::config::ConfigDuration;
-use l4proxy_operator::{OperatorConfig, controller::Options, crd::crd_yaml, lease::LeaseConfig};
-use tracing_subscriber::EnvFilter;
+use l4proxy::{
+    config::ConfigDuration,
+    telemetry::{self, LogFormat},
+};
+use l4proxy_operator::{OperatorConfig, api::crd::crd_yaml, lease::LeaseConfig, reconcile::Options};
 
 #[derive(Parser)]
 #[command(name = "l4proxy-operator", version, about = "Kubernetes operator for l4proxy")]
@@ -70,12 +72,6 @@ struct RunArgs {
     log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -85,7 +81,7 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             let args = *args;
-            init_logging(args.log_format);
+            let _log_guard = telemetry::init_logging(args.log_format, telemetry::LogOutput::Stderr);
             if args.lease_renew_deadline >= args.lease_duration {
                 eprintln!(
                     "error: --lease-renew-deadline ({}) must be shorter than --lease-duration ({})",
@@ -102,15 +98,6 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
 

@@ -2,7 +2,7 @@
 //! resource names), reconcile durations recorded by a timer on drop.
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{
         counter::Counter,
         family::Family,
@@ -135,9 +135,7 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut text = String::new();
-        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
-        text
+        l4proxy::telemetry::encode(&self.registry)
     }
 }
 

@@ -11,15 +11,15 @@ use std::{
 };
 
 use kube::Client;
+use l4proxy::telemetry;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    controller::{self, Context, Options},
-    effective::ConfigStore,
-    http,
     lease::{Elector, Leadership, LeaseConfig},
     metrics::Metrics,
+    model::configs::ConfigStore,
+    reconcile::{self, Cache, Context, Options},
 };
 
 pub struct OperatorConfig {
@@ -36,15 +36,32 @@ pub struct Running {
     pub leadership: Leadership,
     /// The bound HTTP address (useful with port 0).
     pub http_address: Option<SocketAddr>,
-    ready: Arc<AtomicBool>,
+    health: Arc<Health>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// The operator as `/metrics` and `/readyz` show it.
+struct Health {
+    metrics: Arc<Metrics>,
+    /// Set when the first full list of `L4Proxy` resources is in (the last watch to list).
+    ready: AtomicBool,
+}
+
+impl telemetry::Observed for Health {
+    fn metrics_text(&self) -> String {
+        self.metrics.encode()
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        if self.ready.load(Ordering::Acquire) { Ok(()) } else { Err("L4Proxy cache not filled yet".into()) }
+    }
 }
 
 impl Running {
     /// Whether the `L4Proxy` cache is filled.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.health.ready.load(Ordering::Acquire)
     }
 
     /// Stops accepting work, lets in-flight reconciles finish, releases the lease, stops HTTP.
@@ -67,7 +84,7 @@ pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Ru
     let http_address = http_socket.as_ref().map(TcpListener::local_addr).transpose()?;
     let metrics = Arc::new(Metrics::new());
     let configs = Arc::new(ConfigStore::default());
-    let ready = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(Health { metrics: metrics.clone(), ready: AtomicBool::new(false) });
     let stop = CancellationToken::new();
     // Cancelled when the controller has stopped: the lease is released and HTTP stops after it.
     let controller_done = CancellationToken::new();
@@ -92,20 +109,22 @@ pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Ru
         }
     });
 
+    let (cache, writers) = Cache::new();
     let ctx = Arc::new(Context {
-        recorder: controller::recorder(client.clone(), &config.options.identity),
+        recorder: reconcile::recorder(client.clone(), &config.options.identity),
         client,
+        cache,
         options: config.options,
         configs: configs.clone(),
         leadership: leadership.clone(),
         metrics: metrics.clone(),
     });
-    let controller_ready = ready.clone();
+    let controller_health = health.clone();
     let controller_stop = stop.clone();
     let done = controller_done.clone();
     let controller_task = tokio::spawn(async move {
-        controller::run(ctx, controller_stop.cancelled_owned(), move || {
-            controller_ready.store(true, Ordering::Release)
+        reconcile::run(ctx, writers, controller_stop.cancelled_owned(), move || {
+            controller_health.ready.store(true, Ordering::Release)
         })
         .await;
         tracing::info!("controller stopped");
@@ -113,7 +132,7 @@ pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Ru
     });
     let mut tasks = vec![controller_task, elector_task];
     if let Some(socket) = http_socket {
-        tasks.push(tokio::spawn(http::serve(socket, metrics.clone(), ready.clone(), controller_done)));
+        tasks.push(tokio::spawn(telemetry::serve(socket, telemetry::router(health.clone()), controller_done)));
     }
-    Ok(Running { metrics, configs, leadership, http_address, ready, stop, tasks })
+    Ok(Running { metrics, configs, leadership, http_address, health, stop, tasks })
 }

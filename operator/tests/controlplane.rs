@@ -227,6 +227,27 @@ async fn service_backend_is_resolved_from_ready_endpoints_and_follows_slice_chan
     operator.stop().await;
 }
 
+#[tokio::test]
+async fn backends_that_exist_before_the_operator_starts_resolve_on_its_first_reconcile() {
+    let (client, ns) = setup("prefilled").await;
+    create_service(&client, ns.name(), "pg").await;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns.name());
+    let endpoints = json!([{"addresses": ["10.1.0.1"], "conditions": {"ready": true}}]);
+    slices.create(&PostParams::default(), &slice("pg-1", "pg", endpoints)).await.unwrap();
+    let api: Api<L4Proxy> = Api::namespaced(client.clone(), ns.name());
+    create(&api, PG).await;
+
+    let operator = start_leader(&client, ns.name(), "op-1").await;
+    wait_status(&api, "db", "Ready=True", |p| has_condition(p, "Ready", "True")).await;
+    // Had a reconcile run before the Service cache was filled, it would have reported the
+    // Service not found first: one Event per transition shows every Ready status it had.
+    let events: Api<Event> = Api::namespaced(client, ns.name());
+    let reasons: Vec<String> =
+        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    assert!(!reasons.iter().any(|r| r == "BackendsUnresolved"), "{reasons:?}");
+    operator.stop().await;
+}
+
 const GATEWAY: &str = "apiVersion: l4proxy.dev/v1alpha1\nkind: L4Proxy\nmetadata: {name: edge}\nspec:\n  gateway: {replicas: 2}\n  listeners:\n  - {name: web, address: '127.0.0.1:8080', backends: [{address: '10.2.0.1:80'}]}\n";
 
 fn owner_uid<K: kube::Resource>(object: &K) -> Option<String> {

@@ -9,7 +9,7 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
 };
-use l4proxy_operator::{L4Proxy, OperatorConfig, Running, controller::Options, lease::LeaseConfig};
+use l4proxy_operator::{L4Proxy, OperatorConfig, Running, lease::LeaseConfig, reconcile::Options};
 use l4proxy_testenv::{ControlPlane, TestNamespace, wait_for};
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,7 +27,7 @@ pub async fn setup(prefix: &str) -> (Client, TestNamespace) {
 /// Applies the CRD (idempotent) and waits until it is Established.
 pub async fn install_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = l4proxy_operator::crd::crd();
+    let crd = l4proxy_operator::api::crd::crd();
     let name = crd.metadata.name.clone().unwrap();
     crds.patch(&name, &PatchParams::apply("l4proxy-tests").force(), &Patch::Apply(&crd)).await.expect("CRD applies");
     wait_for("the CRD to be Established", TIMEOUT, || async {

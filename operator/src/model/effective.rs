@@ -1,20 +1,17 @@
-//! From an `L4Proxy` spec to the config its proxies run: the spec checked by the proxy's own
-//! validation, Service backends replaced by their ready endpoints, and a version over the result.
-//!
-//! [`ConfigStore`] holds each resource's current effective config for the config service.
+//! From a checked `L4Proxy` spec to the config its proxies run: Service backends replaced by
+//! their ready endpoints, and a version over the result.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     fmt,
     net::SocketAddr,
-    sync::{Arc, RwLock},
 };
 
-use l4proxy::config::{Backend, ConfigError, Listener, Protocol, ProxyConfig, ServiceBackend};
+use l4proxy::config::{Backend, Listener, Protocol, ProxyConfig, ServiceBackend};
 use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::resolve::Unresolved;
+use crate::model::resolve::Unresolved;
 
 /// A Service port a listener sends to: what is resolved from EndpointSlices.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,15 +33,6 @@ impl ServiceKey {
     }
 }
 
-/// Why a spec is refused (`Accepted=False`): the field and what is wrong with it.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct SpecError {
-    pub reason: &'static str,
-    pub field: String,
-    pub message: String,
-}
-
 /// The Service ports the spec's backends name, in a stable order.
 pub fn services(listeners: &[Listener], namespace: &str) -> Vec<ServiceKey> {
     let mut keys: Vec<_> = listeners
@@ -63,51 +51,10 @@ fn all_backends(listener: &Listener) -> impl Iterator<Item = &Backend> {
     listener.backends.iter().chain(listener.routes.iter().flat_map(|r| r.backends.iter()))
 }
 
-/// Checks what the CRD schema cannot: the proxy's own validation (with each Service backend
-/// standing in as `name.namespace.svc:port`), and the namespace policy for Service backends.
-pub fn check_spec(listeners: &[Listener], namespace: &str, allow_cross_namespace: bool) -> Result<(), SpecError> {
-    for (path, backend) in backend_paths(listeners) {
-        if let Some(ns) = backend.service.as_ref().and_then(|s| s.namespace.as_deref())
-            && ns != namespace
-            && !allow_cross_namespace
-        {
-            return Err(SpecError {
-                reason: "ServiceNamespaceNotAllowed",
-                field: format!("spec.{path}.service.namespace"),
-                message: format!(
-                    "{ns:?} is not this resource's namespace; the operator allows only same-namespace Services (--allow-cross-namespace-services)"
-                ),
-            });
-        }
-    }
-    let stand_in = |service: &ServiceBackend, _: Protocol| {
-        let ns = service.namespace.as_deref().unwrap_or(namespace);
-        vec![format!("{}.{ns}.svc:{}", service.name, service.port)]
-    };
-    let config = ProxyConfig { admin: None, listeners: substitute(listeners, stand_in) };
-    l4proxy::config::check(&config).map(drop).map_err(|e| match e {
-        ConfigError::Invalid { path, message } => {
-            SpecError { reason: "InvalidSpec", field: format!("spec.{path}"), message }
-        }
-        other => SpecError { reason: "InvalidSpec", field: "spec".into(), message: other.to_string() },
-    })
-}
-
-/// Every backend with its path (`listeners[0].routes[1].backends[2]`).
-fn backend_paths(listeners: &[Listener]) -> impl Iterator<Item = (String, &Backend)> {
-    listeners.iter().enumerate().flat_map(|(li, l)| {
-        let own = l.backends.iter().enumerate().map(move |(i, b)| (format!("listeners[{li}].backends[{i}]"), b));
-        let routed = l.routes.iter().enumerate().flat_map(move |(ri, r)| {
-            r.backends.iter().enumerate().map(move |(i, b)| (format!("listeners[{li}].routes[{ri}].backends[{i}]"), b))
-        });
-        own.chain(routed)
-    })
-}
-
 /// The listeners with each Service backend replaced by one address backend per
 /// `addresses(service, listener protocol)` (same weight and PROXY protocol); duplicates (two
 /// Services sharing an endpoint) keep the first.
-fn substitute(
+pub(super) fn substitute(
     listeners: &[Listener],
     mut addresses: impl FnMut(&ServiceBackend, Protocol) -> Vec<String>,
 ) -> Vec<Listener> {
@@ -207,56 +154,12 @@ fn version_of(listeners: &[Listener]) -> ConfigVersion {
     ConfigVersion(xxh3_64(&bytes))
 }
 
-/// Resource key: (namespace, name).
-pub type ResourceKey = (String, String);
-
-/// The effective config of every `L4Proxy` this operator knows, for the config service. It
-/// mirrors the API server's set of resources (entries are removed when a resource is deleted),
-/// so it is bounded by what the cluster holds.
-#[derive(Debug, Default)]
-pub struct ConfigStore {
-    configs: RwLock<HashMap<ResourceKey, Arc<EffectiveConfig>>>,
-}
-
-impl ConfigStore {
-    /// Stores `config` for `key`; returns whether the version changed.
-    pub fn put(&self, key: ResourceKey, config: EffectiveConfig) -> bool {
-        let version = config.version;
-        let mut configs = self.configs.write().unwrap_or_else(|e| e.into_inner());
-        configs.insert(key, Arc::new(config)).is_none_or(|old| old.version != version)
-    }
-
-    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<EffectiveConfig>> {
-        let configs = self.configs.read().unwrap_or_else(|e| e.into_inner());
-        configs.get(&(namespace.to_owned(), name.to_owned())).cloned()
-    }
-
-    pub fn remove(&self, namespace: &str, name: &str) {
-        let mut configs = self.configs.write().unwrap_or_else(|e| e.into_inner());
-        configs.remove(&(namespace.to_owned(), name.to_owned()));
-    }
-
-    /// Drops every entry `keep` rejects (after a relist, for deletions the watch missed).
-    pub fn retain(&self, mut keep: impl FnMut(&ResourceKey) -> bool) {
-        let mut configs = self.configs.write().unwrap_or_else(|e| e.into_inner());
-        configs.retain(|key, _| keep(key));
-    }
-
-    pub fn len(&self) -> usize {
-        self.configs.read().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::resolve::Why;
+    use crate::model::resolve::Why;
 
-    fn listeners(yaml: &str) -> Vec<Listener> {
+    pub(crate) fn listeners(yaml: &str) -> Vec<Listener> {
         serde_yaml_ng::from_str(yaml).unwrap()
     }
 
@@ -309,40 +212,5 @@ mod tests {
         let resolved = build(&spec, "shop", 1, &resolutions);
         assert!(resolved.config.is_none());
         assert_eq!(resolved.unresolved, vec![unresolved]);
-    }
-
-    #[test]
-    fn spec_error_names_the_resource_field() {
-        let spec = listeners(
-            "- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n  routes:\n  - match: {protocol: QUIC}\n    backends: [{address: 127.0.0.1:3}]\n",
-        );
-        let err = check_spec(&spec, "shop", false).unwrap_err();
-        assert_eq!(err.field, "spec.listeners[0].routes[0].match.protocol");
-        assert_eq!(err.reason, "InvalidSpec");
-    }
-
-    #[test]
-    fn service_in_another_namespace_is_refused_unless_allowed() {
-        let spec = listeners(
-            "- name: pg\n  address: 127.0.0.1:1\n  backends: [{service: {name: pg, port: 5432, namespace: db}}]\n",
-        );
-        let err = check_spec(&spec, "shop", false).unwrap_err();
-        assert_eq!(err.reason, "ServiceNamespaceNotAllowed");
-        assert_eq!(err.field, "spec.listeners[0].backends[0].service.namespace");
-        check_spec(&spec, "shop", true).unwrap();
-        assert_eq!(services(&spec, "shop")[0].namespace, "db");
-    }
-
-    #[test]
-    fn store_reports_version_changes_only() {
-        let store = ConfigStore::default();
-        let config = |v, generation| EffectiveConfig { version: ConfigVersion(v), generation, listeners: vec![] };
-        let key = ("shop".to_string(), "db".to_string());
-        assert!(store.put(key.clone(), config(1, 1)));
-        assert!(!store.put(key.clone(), config(1, 2)));
-        assert_eq!(store.get("shop", "db").unwrap().generation, 2);
-        assert!(store.put(key, config(2, 2)));
-        store.remove("shop", "db");
-        assert!(store.is_empty());
     }
 }

@@ -6,49 +6,63 @@
 //! effective config from the ConfigMap (mounted as a file, which the proxy watches and reloads
 //! without dropping connections).
 
-use std::net::SocketAddr;
+use std::{collections::BTreeMap, net::SocketAddr};
 
-use k8s_openapi::api::{
-    apps::v1::Deployment,
-    core::v1::{ConfigMap, Service},
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentSpec},
+        core::v1::{
+            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, PodSpec,
+            PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+        },
+    },
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
-use kube::{Resource, ResourceExt};
+use kube::{Resource, ResourceExt, api::ObjectMeta};
 use l4proxy::config::{AdminConfig, Listener, Protocol, ProxyConfig};
-use serde_json::json;
 
-use crate::crd::{GatewaySpec, L4Proxy};
+use crate::api::{
+    crd::{GatewaySpec, L4Proxy},
+    labels::{INSTANCE_LABEL, MANAGED_BY},
+};
 
 /// Where the gateway's proxy serves `/healthz`, `/readyz` and `/metrics`.
 pub const ADMIN_PORT: u16 = 9901;
 const CONFIG_DIR: &str = "/etc/l4proxy";
 const CONFIG_FILE: &str = "config.yaml";
-/// The label that selects one resource's gateway pods.
-pub const INSTANCE_LABEL: &str = "l4proxy.dev/gateway";
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "l4proxy-operator");
 
 /// The name shared by a resource's gateway Deployment, Service and ConfigMap.
 pub fn name(proxy: &L4Proxy) -> String {
     format!("{}-gateway", proxy.name_any())
 }
 
-fn labels(proxy: &L4Proxy) -> serde_json::Value {
-    json!({
-        "app.kubernetes.io/name": "l4proxy",
-        "app.kubernetes.io/instance": proxy.name_any(),
-        "app.kubernetes.io/component": "gateway",
-        MANAGED_BY.0: MANAGED_BY.1,
-        INSTANCE_LABEL: proxy.name_any(),
-    })
+fn labels(proxy: &L4Proxy) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/name", "l4proxy".to_owned()),
+        ("app.kubernetes.io/instance", proxy.name_any()),
+        ("app.kubernetes.io/component", "gateway".to_owned()),
+        (MANAGED_BY.0, MANAGED_BY.1.to_owned()),
+        (INSTANCE_LABEL, proxy.name_any()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
 }
 
-fn metadata(proxy: &L4Proxy) -> serde_json::Value {
+/// Selects the resource's gateway pods.
+fn selector(proxy: &L4Proxy) -> BTreeMap<String, String> {
+    BTreeMap::from([(INSTANCE_LABEL.to_owned(), proxy.name_any())])
+}
+
+fn metadata(proxy: &L4Proxy) -> ObjectMeta {
     let owner = proxy.controller_owner_ref(&()).expect("an L4Proxy read from the API has a uid");
-    json!({
-        "name": name(proxy),
-        "namespace": proxy.namespace(),
-        "labels": labels(proxy),
-        "ownerReferences": [owner],
-    })
+    ObjectMeta {
+        name: Some(name(proxy)),
+        namespace: proxy.namespace(),
+        labels: Some(labels(proxy)),
+        owner_references: Some(vec![owner]),
+        ..Default::default()
+    }
 }
 
 /// The gateway's listeners: each listens on all addresses (of its family) at its port, so the
@@ -71,15 +85,16 @@ fn gateway_listeners(listeners: &[Listener]) -> Vec<Listener> {
         .collect()
 }
 
-fn port_of(listener: &Listener) -> u16 {
-    listener.address.parse::<SocketAddr>().map(|a| a.port()).unwrap_or(0)
+fn port_of(listener: &Listener) -> i32 {
+    listener.address.parse::<SocketAddr>().map(|a| i32::from(a.port())).unwrap_or(0)
 }
 
-fn protocol(listener: &Listener) -> &'static str {
-    match listener.protocol {
+fn protocol(listener: &Listener) -> Option<String> {
+    let name = match listener.protocol {
         Protocol::Tcp => "TCP",
         Protocol::Udp => "UDP",
-    }
+    };
+    Some(name.to_owned())
 }
 
 /// The proxy config file the gateway runs, from the effective listeners.
@@ -89,79 +104,118 @@ pub fn config_map(proxy: &L4Proxy, effective: &[Listener]) -> ConfigMap {
         listeners: gateway_listeners(effective),
     };
     let yaml = serde_yaml_ng::to_string(&config).expect("a config always serialises");
-    serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": metadata(proxy),
-        "data": { CONFIG_FILE: yaml },
-    }))
-    .expect("a valid ConfigMap")
+    ConfigMap {
+        metadata: metadata(proxy),
+        data: Some(BTreeMap::from([(CONFIG_FILE.to_owned(), yaml)])),
+        ..Default::default()
+    }
 }
 
 /// The Deployment running `image` with the ConfigMap's config.
 pub fn deployment(proxy: &L4Proxy, gateway: &GatewaySpec, image: &str) -> Deployment {
+    let pod = PodSpec {
+        containers: vec![container(proxy, gateway.image.as_deref().unwrap_or(image))],
+        volumes: Some(vec![Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource { name: name(proxy), ..Default::default() }),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: metadata(proxy),
+        spec: DeploymentSpec {
+            replicas: Some(gateway.replicas.unwrap_or(1)),
+            selector: LabelSelector { match_labels: Some(selector(proxy)), ..Default::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels(proxy)), ..Default::default() }),
+                spec: Some(pod),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// The proxy container: a port per listener and the admin port, probes on the admin port,
+/// no privileges beyond binding a port below 1024 when a listener needs one.
+fn container(proxy: &L4Proxy, image: &str) -> Container {
     let listeners = &proxy.spec.listeners;
-    let ports: Vec<_> = listeners
+    let ports = listeners
         .iter()
-        .map(|l| json!({"containerPort": port_of(l), "protocol": protocol(l)}))
-        .chain(std::iter::once(json!({"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"})))
+        .map(|l| ContainerPort { container_port: port_of(l), protocol: protocol(l), ..Default::default() })
+        .chain(std::iter::once(ContainerPort {
+            name: Some("admin".into()),
+            container_port: i32::from(ADMIN_PORT),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }))
         .collect();
     let privileged_port = listeners.iter().any(|l| port_of(l) < 1024);
-    let capabilities =
-        if privileged_port { json!({"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}) } else { json!({"drop": ["ALL"]}) };
-    let probe = |path: &str| json!({"httpGet": {"path": path, "port": ADMIN_PORT}, "periodSeconds": 5});
-    serde_json::from_value(json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(proxy),
-        "spec": {
-            "replicas": gateway.replicas.unwrap_or(1),
-            "selector": {"matchLabels": {INSTANCE_LABEL: proxy.name_any()}},
-            "template": {
-                "metadata": {"labels": labels(proxy)},
-                "spec": {
-                    "containers": [{
-                        "name": "l4proxy",
-                        "image": gateway.image.as_deref().unwrap_or(image),
-                        "args": ["run", "--config", format!("{CONFIG_DIR}/{CONFIG_FILE}"), "--log-format", "json"],
-                        "ports": ports,
-                        "readinessProbe": probe("/readyz"),
-                        "livenessProbe": probe("/healthz"),
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "runAsNonRoot": true,
-                            "capabilities": capabilities,
-                        },
-                        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": true}],
-                    }],
-                    "volumes": [{"name": "config", "configMap": {"name": name(proxy)}}],
-                },
-            },
-        },
-    }))
-    .expect("a valid Deployment")
+    let probe = |path: &str| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            ..Default::default()
+        }),
+        period_seconds: Some(5),
+        ..Default::default()
+    };
+    Container {
+        name: "l4proxy".into(),
+        image: Some(image.into()),
+        args: Some(
+            ["run", "--config", &format!("{CONFIG_DIR}/{CONFIG_FILE}"), "--log-format", "json"]
+                .map(String::from)
+                .into(),
+        ),
+        ports: Some(ports),
+        readiness_probe: Some(probe("/readyz")),
+        liveness_probe: Some(probe("/healthz")),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: privileged_port.then(|| vec!["NET_BIND_SERVICE".into()]),
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "config".into(),
+            mount_path: CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
 }
 
 /// The Service exposing every listener at its port.
 pub fn service(proxy: &L4Proxy, gateway: &GatewaySpec) -> Service {
-    let ports: Vec<_> = proxy
+    let ports = proxy
         .spec
         .listeners
         .iter()
-        .map(|l| json!({"name": l.name, "port": port_of(l), "targetPort": port_of(l), "protocol": protocol(l)}))
+        .map(|l| ServicePort {
+            name: Some(l.name.clone()),
+            port: port_of(l),
+            target_port: Some(IntOrString::Int(port_of(l))),
+            protocol: protocol(l),
+            ..Default::default()
+        })
         .collect();
-    serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(proxy),
-        "spec": {
-            "type": gateway.service_type.as_str(),
-            "selector": {INSTANCE_LABEL: proxy.name_any()},
-            "ports": ports,
-        },
-    }))
-    .expect("a valid Service")
+    Service {
+        metadata: metadata(proxy),
+        spec: Some(ServiceSpec {
+            type_: Some(gateway.service_type.as_str().into()),
+            selector: Some(selector(proxy)),
+            ports: Some(ports),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// Whether `object` is owned by `proxy` (so deleting it never touches someone else's object).

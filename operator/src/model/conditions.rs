@@ -1,11 +1,13 @@
-//! Conditions as `metav1.Condition`: computed fresh on every reconcile, merged with what the
-//! resource already says so `lastTransitionTime` moves only when a status flips, and compared so
-//! an unchanged status is never written.
+//! Conditions as `metav1.Condition`: decided fresh on every reconcile from what it found, merged
+//! with what the resource already says so `lastTransitionTime` moves only when a status flips,
+//! and compared so an unchanged status is never written.
 
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
+
+use super::{effective::Resolved, spec::SpecError};
 
 pub const ACCEPTED: &str = "Accepted";
 pub const READY: &str = "Ready";
@@ -35,6 +37,51 @@ impl Decided {
         }
         Self { type_, status, reason, message }
     }
+}
+
+/// What became of the gateway.
+#[derive(Debug)]
+pub enum GatewayState {
+    /// Applied; the Deployment reports this many available replicas.
+    Applied { name: String, wanted: i32, available: i32 },
+    /// An object with the gateway's name exists and belongs to someone else: nothing applied.
+    Conflict(String),
+}
+
+/// The conditions, from what the reconcile found: the spec check and resolution, and the
+/// gateway when the resource has one.
+pub fn decide(resolved: &Result<Resolved, SpecError>, gateway: Option<&GatewayState>) -> Vec<Decided> {
+    let resolved = match resolved {
+        Err(e) => {
+            return vec![
+                Decided::new(ACCEPTED, false, e.reason, e.to_string()),
+                Decided::new(READY, false, "NotAccepted", "the spec is not accepted; see the Accepted condition"),
+            ];
+        }
+        Ok(resolved) => resolved,
+    };
+    let accepted = Decided::new(ACCEPTED, true, "Valid", "the spec is valid");
+    let ready = if !resolved.unresolved.is_empty() {
+        let names: Vec<_> = resolved.unresolved.iter().map(ToString::to_string).collect();
+        Decided::new(READY, false, "BackendsUnresolved", names.join("; "))
+    } else if resolved.config.is_none() {
+        Decided::new(READY, false, "InvalidEffectiveConfig", "the resolved backends do not make a valid config")
+    } else if let Some(GatewayState::Conflict(why)) = gateway {
+        Decided::new(READY, false, "GatewayConflict", why.clone())
+    } else if let Some(GatewayState::Applied { name, wanted, available }) = gateway
+        && *available < (*wanted).min(1)
+    {
+        Decided::new(
+            READY,
+            false,
+            "GatewayUnavailable",
+            format!("gateway Deployment {name} has {available} of {wanted} replicas available"),
+        )
+    } else {
+        let backends: u32 = resolved.backends_per_listener.iter().map(|(_, n)| n).sum();
+        Decided::new(READY, true, "Resolved", format!("{backends} backend addresses resolved"))
+    };
+    vec![accepted, ready]
 }
 
 fn status_text(status: bool) -> &'static str {
@@ -115,6 +162,39 @@ mod tests {
         assert_eq!(transitions(&old, &same_reason).count(), 0);
         let new_reason = merge(&old, &[Decided::new(READY, false, "GatewayUnavailable", "a")], 1, at(2));
         assert_eq!(transitions(&old, &new_reason).count(), 1);
+    }
+
+    fn resolved(backends: u32) -> Resolved {
+        let config = crate::model::effective::EffectiveConfig {
+            version: crate::model::effective::ConfigVersion(1),
+            generation: 1,
+            listeners: vec![],
+        };
+        Resolved { config: Some(config), unresolved: vec![], backends_per_listener: vec![("web".into(), backends)] }
+    }
+
+    fn ready(decided: &[Decided]) -> (bool, &'static str) {
+        let ready = decided.iter().find(|d| d.type_ == READY).unwrap();
+        (ready.status, ready.reason)
+    }
+
+    #[test]
+    fn refused_spec_is_not_accepted_and_not_ready() {
+        let refused = SpecError { reason: "InvalidSpec", field: "spec.listeners[0]".into(), message: "bad".into() };
+        let decided = decide(&Err(refused), None);
+        assert_eq!((decided[0].type_, decided[0].status, decided[0].reason), (ACCEPTED, false, "InvalidSpec"));
+        assert_eq!(ready(&decided), (false, "NotAccepted"));
+    }
+
+    #[test]
+    fn gateway_conflict_or_no_available_replica_is_not_ready() {
+        let conflict = GatewayState::Conflict("Service shop/db-gateway exists".into());
+        assert_eq!(ready(&decide(&Ok(resolved(1)), Some(&conflict))), (false, "GatewayConflict"));
+        let starting = GatewayState::Applied { name: "shop/db-gateway".into(), wanted: 2, available: 0 };
+        assert_eq!(ready(&decide(&Ok(resolved(1)), Some(&starting))), (false, "GatewayUnavailable"));
+        let one_up = GatewayState::Applied { name: "shop/db-gateway".into(), wanted: 2, available: 1 };
+        assert_eq!(ready(&decide(&Ok(resolved(1)), Some(&one_up))), (true, "Resolved"));
+        assert_eq!(ready(&decide(&Ok(resolved(1)), None)), (true, "Resolved"));
     }
 
     #[test]

@@ -10,9 +10,6 @@ use std::{collections::BTreeSet, fmt, net::SocketAddr};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use l4proxy::config::Protocol;
 
-/// The label that ties an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
 /// A Service backend that could not be resolved, with why; its `Display` is what `Ready=False`
 /// says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,13 +44,13 @@ impl fmt::Display for Unresolved {
 
 /// The ready addresses behind `port` of `service` (sorted, without duplicates), or why there are
 /// none. `service` is `None` when it does not exist.
-pub fn endpoints(
+pub fn endpoints<'a>(
     namespace: &str,
     name: &str,
     port: u16,
     protocol: Protocol,
     service: Option<&Service>,
-    slices: &[EndpointSlice],
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
 ) -> Result<Vec<SocketAddr>, Unresolved> {
     let unresolved = |why| Unresolved { namespace: namespace.to_owned(), name: name.to_owned(), port, why };
     let service = service.ok_or_else(|| unresolved(Why::ServiceNotFound))?;
@@ -69,7 +66,7 @@ pub fn endpoints(
     }
     let port_name = service_port.name.as_deref().unwrap_or("");
     let mut addresses = BTreeSet::new();
-    for slice in slices.iter().filter(|s| s.address_type == "IPv4" || s.address_type == "IPv6") {
+    for slice in slices.into_iter().filter(|s| s.address_type == "IPv4" || s.address_type == "IPv6") {
         let Some(target_port) = slice_port(slice, port_name, port_protocol) else { continue };
         for endpoint in slice.endpoints.iter().flatten() {
             if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
@@ -108,6 +105,7 @@ fn protocol_name(protocol: Protocol) -> &'static str {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::api::labels::SERVICE_NAME_LABEL;
 
     pub(crate) fn service(name: &str, ports: serde_json::Value) -> Service {
         serde_json::from_value(serde_json::json!({

@@ -1,0 +1,88 @@
+//! Status and Events: the status patched (server-side apply) only when it differs from what
+//! the resource says, and one Event per condition that changed status or reason.
+
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::events::{Event, EventType, Recorder, Reporter},
+};
+
+use super::{Context, Error, FIELD_MANAGER, error::api_error};
+use crate::{
+    api::crd::{L4Proxy, L4ProxyStatus, ListenerStatus},
+    metrics::Write,
+    model::{
+        conditions::{self, Decided},
+        effective::Resolved,
+    },
+};
+
+/// Patches status when it differs from what the resource says, and publishes one Event per
+/// condition that changed status or reason.
+pub(super) async fn write(
+    proxy: &L4Proxy,
+    decided: &[Decided],
+    resolved: Option<&Resolved>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let ns = proxy.namespace().unwrap_or_default();
+    let generation = proxy.metadata.generation.unwrap_or(0);
+    let config_version = ctx.configs.get(&ns, &proxy.name_any()).map(|c| c.version.to_string());
+    let listeners: Vec<ListenerStatus> = resolved
+        .map(|r| {
+            r.backends_per_listener
+                .iter()
+                .map(|(name, backends)| ListenerStatus { name: name.clone(), backends: *backends })
+                .collect()
+        })
+        .unwrap_or_default();
+    let desired_over = |current: &L4ProxyStatus| L4ProxyStatus {
+        observed_generation: Some(generation),
+        conditions: conditions::merge(&current.conditions, decided, generation, conditions::now()),
+        config_version: config_version.clone(),
+        proxies: current.proxies.clone(),
+        listeners: listeners.clone(),
+    };
+    let cached = proxy.status.clone().unwrap_or_default();
+    if desired_over(&cached) == cached {
+        return Ok(());
+    }
+    // The cache may not have seen our previous write yet (a reconcile right after one): decide
+    // against the stored status, so neither the status nor an Event is written twice.
+    let api: Api<L4Proxy> = Api::namespaced(ctx.client.clone(), &ns);
+    let stored = api.get_status(&proxy.name_any()).await.map_err(api_error("reading status"))?;
+    let current = stored.status.unwrap_or_default();
+    let desired = desired_over(&current);
+    if desired == current {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": "l4proxy.dev/v1alpha1",
+        "kind": "L4Proxy",
+        "status": desired,
+    });
+    api.patch_status(&proxy.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(api_error("writing status"))?;
+    ctx.metrics.wrote(Write::Status);
+    for condition in conditions::transitions(&current.conditions, &desired.conditions) {
+        let event = Event {
+            type_: if condition.status == "True" { EventType::Normal } else { EventType::Warning },
+            reason: condition.reason.clone(),
+            note: Some(format!("{} is {}: {}", condition.type_, condition.status, condition.message)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        match ctx.recorder.publish(&event, &proxy.object_ref(&())).await {
+            Ok(()) => ctx.metrics.wrote(Write::Event),
+            // An Event is a courtesy: failing to publish one must not fail the reconcile.
+            Err(e) => tracing::warn!(error = %e, "publishing an Event failed"),
+        }
+    }
+    Ok(())
+}
+
+/// The Event recorder for this replica.
+pub fn recorder(client: Client, identity: &str) -> Recorder {
+    Recorder::new(client, Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity.to_owned()) })
+}
