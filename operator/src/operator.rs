@@ -132,7 +132,8 @@ pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Ru
     });
     let mut tasks = vec![controller_task, elector_task];
     if let Some(socket) = http_socket {
-        tasks.push(tokio::spawn(telemetry::serve(socket, telemetry::router(health.clone()), controller_done)));
+        let app = telemetry::router(health.clone());
+        tasks.push(tokio::spawn(telemetry::serve(socket, app, telemetry::HttpLimits::default(), controller_done)));
     }
     Ok(Running { metrics, configs, leadership, http_address, health, stop, tasks })
 }
