@@ -11,6 +11,11 @@
 //! Race window: a write that starts just before the deadline may land just after it; with the
 //! defaults (10 s deadline, 15 s duration) a write has 5 s to complete, far above an API call's
 //! timeout.
+//!
+//! An API server that stops answering must not leave a replica believing it leads: each round
+//! (a read and a write of the Lease) is given up after half the renew deadline, and leadership
+//! ends at the deadline itself even while a round is still waiting, so the change is seen (the
+//! `leader` gauge, the log, `/readyz`) and a regained lease reconciles everything again.
 
 use std::time::Duration;
 
@@ -23,7 +28,11 @@ use kube::{
     Api, Client,
     api::{ObjectMeta, PostParams},
 };
+use std::sync::Arc;
+
 use tokio::{sync::watch, time::Instant};
+
+use crate::metrics::Metrics;
 
 /// Lease timing; see the module docs.
 #[derive(Clone, Debug)]
@@ -46,6 +55,11 @@ pub struct Leadership {
 impl Leadership {
     pub fn is_leader(&self) -> bool {
         valid(*self.valid_until.borrow())
+    }
+
+    /// `leader` or `follower`, for `/readyz`.
+    pub fn role(&self) -> &'static str {
+        if self.is_leader() { "leader" } else { "follower" }
     }
 
     /// Waits for the next change of leadership (gained, renewed or lost).
@@ -77,6 +91,9 @@ pub struct Elector {
     tx: watch::Sender<Option<Instant>>,
     /// The holder record last seen and when it was first seen (by our clock).
     observed: Option<(Record, Instant)>,
+    metrics: Arc<Metrics>,
+    /// Rounds failed in a row: the first failure and the recovery are logged, not each retry.
+    failing: u32,
 }
 
 /// A lease record as another replica left it: holder and renew time.
@@ -87,6 +104,14 @@ fn valid(until: Option<Instant>) -> bool {
     until.is_some_and(|until| Instant::now() < until)
 }
 
+/// Resolves when leadership that lasts `until` ends; never without leadership.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What one round ended with.
 #[derive(Debug, PartialEq, Eq)]
 enum Round {
@@ -95,39 +120,66 @@ enum Round {
 }
 
 impl Elector {
-    pub fn new(client: Client, config: LeaseConfig) -> (Self, Leadership) {
+    pub fn new(client: Client, config: LeaseConfig, metrics: Arc<Metrics>) -> (Self, Leadership) {
         let (tx, rx) = watch::channel(None);
         let api = Api::namespaced(client, &config.namespace);
-        (Self { api, config, tx, observed: None }, Leadership { valid_until: rx })
+        (Self { api, config, tx, observed: None, metrics, failing: 0 }, Leadership { valid_until: rx })
     }
 
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
             let started = Instant::now();
-            match self.round().await {
-                Ok(Round::Leader) => {
-                    let until = started + self.config.renew_deadline;
+            let round_timeout = self.config.renew_deadline / 2;
+            let deadline = *self.tx.borrow();
+            let outcome = tokio::select! {
+                outcome = tokio::time::timeout(round_timeout, self.round()) => Some(outcome),
+                // Leadership ends on time even while a round waits for an answer.
+                () = until(deadline) => None,
+            };
+            match outcome {
+                Some(Ok(Ok(Round::Leader))) => {
+                    self.recovered();
                     if self.tx.borrow().is_none() {
                         tracing::info!(lease = %self.config.name, identity = %self.config.identity, "became leader");
                     }
-                    self.tx.send_replace(Some(until));
+                    self.tx.send_replace(Some(started + self.config.renew_deadline));
                 }
-                Ok(Round::Follower) => self.lose("another replica holds the lease"),
-                Err(e) => {
-                    tracing::warn!(lease = %self.config.name, error = %e, "lease round failed");
-                    // Still leader until the deadline of the last successful renewal.
-                    if !self.is_valid() {
-                        self.lose("renewal deadline passed");
-                    }
+                Some(Ok(Ok(Round::Follower))) => {
+                    self.recovered();
+                    self.lose("another replica holds the lease");
                 }
+                Some(Ok(Err(error))) => self.failed(&error.to_string()),
+                Some(Err(_)) => self.failed(&format!("no answer within {round_timeout:?}")),
+                None => self.lose("the renew deadline passed while the lease could not be renewed"),
             }
+            let deadline = *self.tx.borrow();
             tokio::select! {
                 () = tokio::time::sleep(self.config.retry_period) => {}
+                () = until(deadline) => {}
                 () = &mut shutdown => break,
             }
         }
         self.release().await;
+    }
+
+    fn failed(&mut self, error: &str) {
+        self.metrics.lease_failure();
+        if self.failing == 0 {
+            tracing::warn!(lease = %self.config.name, error, "lease round failed; retrying every {:?}", self.config.retry_period);
+        }
+        self.failing += 1;
+        // Still leader until the deadline of the last successful renewal.
+        if !self.is_valid() {
+            self.lose("the renew deadline passed");
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.failing > 0 {
+            tracing::info!(lease = %self.config.name, failed_rounds = self.failing, "lease rounds succeed again");
+        }
+        self.failing = 0;
     }
 
     fn is_valid(&self) -> bool {
@@ -136,9 +188,9 @@ impl Elector {
 
     fn lose(&self, why: &str) {
         if self.tx.borrow().is_some() {
-            tracing::warn!(lease = %self.config.name, why, "lost leadership");
+            tracing::warn!(lease = %self.config.name, why, "lost leadership: writes stop until it is regained");
+            self.tx.send_replace(None);
         }
-        self.tx.send_replace(None);
     }
 
     async fn round(&mut self) -> Result<Round, kube::Error> {

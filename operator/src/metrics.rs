@@ -52,6 +52,7 @@ pub struct Metrics {
     duration: Histogram,
     writes: Family<KindLabels, Counter>,
     leader: Gauge,
+    lease_failures: Counter,
     configs: Gauge,
 }
 
@@ -72,6 +73,7 @@ impl Metrics {
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             writes: Family::default(),
             leader: Gauge::default(),
+            lease_failures: Counter::default(),
             configs: Gauge::default(),
         };
         let r = &mut m.registry;
@@ -85,6 +87,11 @@ impl Metrics {
         r.register("reconcile_duration_seconds", "Time per reconcile", m.duration.clone());
         r.register("writes", "Writes to the API server, by kind (status, apply, delete, event)", m.writes.clone());
         r.register("leader", "1 while this replica holds the lease (the only one that writes)", m.leader.clone());
+        r.register(
+            "lease_failures",
+            "Lease rounds that failed or got no answer in time (past the renew deadline, leadership ends)",
+            m.lease_failures.clone(),
+        );
         r.register("effective_configs", "Resources with an effective config held for proxies", m.configs.clone());
         m
     }
@@ -115,6 +122,10 @@ impl Metrics {
 
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
+    }
+
+    pub fn lease_failure(&self) {
+        self.lease_failures.inc();
     }
 
     pub fn set_configs(&self, count: usize) {

@@ -44,6 +44,7 @@ pub struct Running {
 /// The operator as `/metrics` and `/readyz` show it.
 struct Health {
     metrics: Arc<Metrics>,
+    leadership: Leadership,
     /// Set when the first full list of `L4Proxy` resources is in (the last watch to list).
     ready: AtomicBool,
 }
@@ -55,6 +56,11 @@ impl telemetry::Observed for Health {
 
     fn readiness(&self) -> Result<(), String> {
         if self.ready.load(Ordering::Acquire) { Ok(()) } else { Err("L4Proxy cache not filled yet".into()) }
+    }
+
+    /// A follower is ready too (it serves proxies); `/readyz` says which it is.
+    fn role(&self) -> Option<String> {
+        Some(self.leadership.role().to_owned())
     }
 }
 
@@ -84,12 +90,14 @@ pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Ru
     let http_address = http_socket.as_ref().map(TcpListener::local_addr).transpose()?;
     let metrics = Arc::new(Metrics::new());
     let configs = Arc::new(ConfigStore::default());
-    let health = Arc::new(Health { metrics: metrics.clone(), ready: AtomicBool::new(false) });
+
     let stop = CancellationToken::new();
     // Cancelled when the controller has stopped: the lease is released and HTTP stops after it.
     let controller_done = CancellationToken::new();
 
-    let (elector, leadership) = Elector::new(client.clone(), config.lease);
+    let (elector, leadership) = Elector::new(client.clone(), config.lease, metrics.clone());
+    let health =
+        Arc::new(Health { metrics: metrics.clone(), leadership: leadership.clone(), ready: AtomicBool::new(false) });
     let mut leader_changes = leadership.clone();
     let leader_metrics = metrics.clone();
     let lease_until = controller_done.clone();

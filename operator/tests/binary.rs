@@ -79,6 +79,7 @@ async fn run_serves_health_and_metrics_reconciles_and_releases_the_lease_on_sigt
     let (client, ns) = setup("binary").await;
     let port = free_port();
     let kubeconfig = ControlPlane::shared().kubeconfig_path();
+    let log_path = std::env::temp_dir().join(format!("l4proxy-operator-{}-{port}.log", std::process::id()));
     let child = Command::new(BIN)
         .args(["run", "--kubeconfig"])
         .arg(kubeconfig)
@@ -87,14 +88,16 @@ async fn run_serves_health_and_metrics_reconciles_and_releases_the_lease_on_sigt
         .args(["--lease-duration", "6s", "--lease-renew-deadline", "4s", "--lease-retry-period", "200ms"])
         .env_remove("KUBECONFIG")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
     let mut operator = Operator(child);
 
     assert_eq!(wait_for("/healthz", TIMEOUT, || http_get(port, "/healthz")).await.0, 200);
-    wait_for("/readyz to answer 200", TIMEOUT, || async { (http_get(port, "/readyz").await?.0 == 200).then_some(()) })
-        .await;
+    wait_for("/readyz to say it leads", TIMEOUT, || async {
+        (http_get(port, "/readyz").await? == (200, "ready: leader\n".to_owned())).then_some(())
+    })
+    .await;
 
     let api: Api<L4Proxy> = Api::namespaced(client.clone(), ns.name());
     create(
@@ -119,4 +122,8 @@ async fn run_serves_health_and_metrics_reconciles_and_releases_the_lease_on_sigt
     assert!(status.success(), "{status}");
     let lease = Api::<Lease>::namespaced(client, ns.name()).get("l4proxy-operator").await.unwrap();
     assert_eq!(lease.spec.unwrap().holder_identity, None);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("became leader"), "{log}");
+    assert!(!log.contains('\x1b'), "no colour codes in a log that is not a terminal: {log}");
+    let _ = std::fs::remove_file(&log_path);
 }

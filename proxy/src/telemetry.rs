@@ -84,6 +84,10 @@ pub trait Observed: Send + Sync + 'static {
     fn metrics_text(&self) -> String;
     /// `Ok` when ready for traffic; otherwise why not (the body of a 503 from `/readyz`).
     fn readiness(&self) -> Result<(), String>;
+    /// What a ready process is doing, added to `/readyz`'s body (`ready: leader`).
+    fn role(&self) -> Option<String> {
+        None
+    }
 }
 
 /// `/healthz` (200 while the process runs), `/readyz` and `/metrics` for `target`; merge
@@ -98,7 +102,10 @@ pub fn router<T: Observed>(target: Arc<T>) -> Router {
 
 async fn readyz<T: Observed>(State(target): State<Arc<T>>) -> impl IntoResponse {
     match target.readiness() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(()) => match target.role() {
+            Some(role) => (StatusCode::OK, format!("ready: {role}\n")),
+            None => (StatusCode::OK, "ready\n".to_owned()),
+        },
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
     }
 }

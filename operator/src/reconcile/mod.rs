@@ -160,7 +160,7 @@ mod tests {
             renew_deadline: Duration::from_secs(4),
             retry_period: Duration::from_millis(200),
         };
-        let (elector, leadership) = Elector::new(client.clone(), lease);
+        let (elector, leadership) = Elector::new(client.clone(), lease, Arc::default());
         tokio::spawn(elector.run(std::future::pending()));
         wait_for("leadership", Duration::from_secs(30), || async { leadership.is_leader().then_some(()) }).await;
         let ctx = Arc::new(Context {
