@@ -275,7 +275,7 @@ pub struct Limits {
     pub max_connection_duration: Option<ConfigDuration>,
     /// UDP listeners only: the listening socket's receive buffer, which holds datagrams the
     /// proxy has not read yet (a burst of new clients, whose sessions take longer to set up).
-    /// Default 1048576 (1 MiB); 4096 to 268435456. The kernel caps it at `net.core.rmem_max`
+    /// Default 524288 (512 KiB); 4096 to 268435456. The kernel caps it at `net.core.rmem_max`
     /// (a warning says so); datagrams it drops show in `l4proxy_udp_receive_drops_total`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = MIN_RECEIVE_BUFFER, max = MAX_RECEIVE_BUFFER))]

@@ -25,8 +25,10 @@ pub const DEFAULT_TCP_IDLE_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(3
 /// Default for `limits.idleTimeout` on UDP listeners (sessions).
 pub const DEFAULT_UDP_IDLE_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(60);
 /// Default for `limits.receiveBufferBytes` (UDP listeners): room for a burst of about a
-/// thousand small datagrams from new clients.
-pub const DEFAULT_RECEIVE_BUFFER: u32 = 1 << 20;
+/// thousand small datagrams from new clients (the kernel's own default holds about 200). Not
+/// more: under a flood a larger buffer only makes the proxy carry datagrams the rest of the path
+/// drops, and delivered throughput fell by half at 1 MiB in `bench/udp.sh` (docs/performance.md).
+pub const DEFAULT_RECEIVE_BUFFER: u32 = 512 << 10;
 /// Bounds for `limits.receiveBufferBytes`.
 pub const MIN_RECEIVE_BUFFER: u32 = 4096;
 pub const MAX_RECEIVE_BUFFER: u32 = 256 << 20;

@@ -61,10 +61,6 @@ pub trait ConnectionManager: Send + Sync {
     /// Serves an admitted connection to its end.
     fn handle_connection(&self, connection: Self::Connection) -> impl Future<Output = ConnectionMetrics> + Send;
 
-    /// Lets go of what is still held for a connection whose serving task panicked (a UDP
-    /// session's pool entry); the connection itself was dropped by the unwinding.
-    fn release(&self, _context: &ConnectionContext) {}
-
     /// Connections admitted and not yet finished.
     fn connection_count(&self) -> usize;
 
@@ -257,20 +253,19 @@ pub fn record(listener: &ListenerMetrics, metrics: &ConnectionMetrics) {
 }
 
 /// Serves an admitted connection on `tracker`, and records how it ended. A panic in serving it
-/// is caught: the connection is closed (its slot given back by the unwinding), counted as
-/// `reason="panicked"` and logged, so no connection ever vanishes unaccounted.
+/// is caught: the connection is closed (the unwinding drops what it held and gives its slot
+/// back), counted as `reason="panicked"` and logged, so no connection ever vanishes
+/// unaccounted.
 pub fn serve<M>(tracker: &TaskTracker, manager: Arc<M>, connection: M::Connection)
 where
     M: ConnectionManager + 'static,
     M::Connection: 'static,
 {
     let settings = connection.settings().clone();
-    let context = connection.context().clone();
     tracker.spawn(async move {
         match AssertUnwindSafe(manager.handle_connection(connection)).catch_unwind().await {
             Ok(metrics) => record(&settings.metrics, &metrics),
             Err(panic) => {
-                manager.release(&context);
                 let message = panic
                     .downcast_ref::<&str>()
                     .copied()
@@ -278,10 +273,8 @@ where
                     .unwrap_or("(not a string)");
                 settings.metrics.closed(CloseReason::Panicked).inc();
                 tracing::error!(
-                    connection = context.id,
-                    listener = %context.listener,
-                    protocol = context.protocol.label(),
-                    source = %context.source,
+                    listener = %settings.name,
+                    protocol = settings.config.protocol.label(),
                     panic = message,
                     "connection task panicked; the connection was closed"
                 );
@@ -296,14 +289,19 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     /// A manager whose connections hit a bug while being served.
-    #[derive(Default)]
-    struct Buggy {
-        released: AtomicBool,
-    }
+    struct Buggy;
 
+    /// A connection that notes that it was dropped.
     struct Doomed {
         context: ConnectionContext,
         settings: Arc<ListenerSettings>,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl Drop for Doomed {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::Relaxed);
+        }
     }
 
     impl Admitted for Doomed {
@@ -324,12 +322,9 @@ mod tests {
             Err(ConnectionError::NoBackend { listener: "web".into(), src, attempts: 0 })
         }
 
-        async fn handle_connection(&self, _: Doomed) -> ConnectionMetrics {
+        async fn handle_connection(&self, doomed: Doomed) -> ConnectionMetrics {
+            let _held = doomed;
             panic!("a bug in serving")
-        }
-
-        fn release(&self, _context: &ConnectionContext) {
-            self.released.store(true, Ordering::Relaxed);
         }
 
         fn connection_count(&self) -> usize {
@@ -342,7 +337,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_whose_task_panics_is_released_and_counted_as_panicked() {
+    async fn a_connection_whose_task_panics_is_dropped_and_counted_as_panicked() {
         let yaml = "listeners:\n- name: web\n  address: 127.0.0.1:1\n  backends: [{address: 127.0.0.1:2}]\n";
         let config = crate::config::check(&crate::config::parse_yaml(yaml).unwrap()).unwrap();
         let metrics = Metrics::new();
@@ -350,11 +345,11 @@ mod tests {
         let address: SocketAddr = "127.0.0.1:1000".parse().unwrap();
         let context = ConnectionContext::new("web".into(), Protocol::Tcp, address, address);
         let tracker = TaskTracker::new();
-        let manager = Arc::new(Buggy::default());
-        serve(&tracker, manager.clone(), Doomed { context, settings: settings.clone() });
+        let dropped = Arc::new(AtomicBool::new(false));
+        serve(&tracker, Arc::new(Buggy), Doomed { context, settings: settings.clone(), dropped: dropped.clone() });
         tracker.close();
         tracker.wait().await;
-        assert!(manager.released.load(Ordering::Relaxed));
+        assert!(dropped.load(Ordering::Relaxed), "what the connection held is let go");
         assert_eq!(settings.metrics.closed(CloseReason::Panicked).get(), 1);
     }
 }

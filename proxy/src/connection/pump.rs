@@ -215,22 +215,17 @@ pub(crate) async fn pump(
     }
     let mut down = Half::default();
     let mut last_activity = Instant::now();
-    let mut idle_timer = pin!(tokio::time::sleep_until(super::later(last_activity, idle)));
+    // One timer for both bounds: it fires at the earlier of the idle deadline and the lifetime
+    // deadline, and is re-armed only when it fires, so timer work stays off the per-read path.
+    let next_deadline = |last_activity| {
+        let idle_deadline = super::later(last_activity, idle);
+        deadline.map_or(idle_deadline, |end| end.min(idle_deadline))
+    };
+    let mut timer = pin!(tokio::time::sleep_until(next_deadline(last_activity)));
     let mut cancelled = pin!(cut.cancelled());
-    // Without a maximum duration no timer is registered at all.
-    let mut lifetime = pin!(async {
-        match deadline {
-            Some(deadline) => tokio::time::sleep_until(deadline).await,
-            None => std::future::pending().await,
-        }
-    });
-
     let (reason, error) = poll_fn(|cx| {
         if cancelled.as_mut().poll(cx).is_ready() {
             return Poll::Ready((CloseReason::Shutdown, None));
-        }
-        if lifetime.as_mut().poll(cx).is_ready() {
-            return Poll::Ready((CloseReason::MaxDuration, None));
         }
         loop {
             let mut progressed = false;
@@ -267,13 +262,15 @@ pub(crate) async fn pump(
             }
             break;
         }
-        // Re-arming only when the timer fires keeps timer work off the per-read path.
-        while idle_timer.as_mut().poll(cx).is_ready() {
-            let deadline = super::later(last_activity, idle);
-            if Instant::now() >= deadline {
+        while timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if deadline.is_some_and(|end| now >= end) {
+                return Poll::Ready((CloseReason::MaxDuration, None));
+            }
+            if now >= super::later(last_activity, idle) {
                 return Poll::Ready((CloseReason::IdleTimeout, None));
             }
-            idle_timer.as_mut().reset(deadline);
+            timer.as_mut().reset(next_deadline(last_activity));
         }
         Poll::Pending
     })

@@ -133,19 +133,12 @@ impl ConnectionManager for TcpConnectionManager {
         let connect_time = context.started.elapsed();
         settings.metrics.connect_time.observe(connect_time.as_secs_f64());
         let deadline = limits.max_connection_duration.map(|d| super::later(context.started, d.get()));
-        let mut metrics = ConnectionMetrics::new(context);
-        metrics.backend_name = Some(lease.backend().address().clone());
-        metrics.backend = Some(address);
-        metrics.connect_attempts = attempts;
-        metrics.connect_time = Some(connect_time);
-        metrics.lifecycle.backend_connected = Some(connect_time);
 
         // Small writes (handshakes, RPCs) must not wait for Nagle; errors here only cost latency.
         let _ = client.set_nodelay(true);
         let _ = backend.set_nodelay(true);
 
         if let Some(version) = proxy_protocol {
-            let context = &metrics.context;
             let mut prefix = Vec::with_capacity(proxy_protocol::MAX_HEADER_LEN + early.len());
             proxy_protocol::write_header(version.into(), context.source, context.destination, &mut prefix);
             prefix.extend_from_slice(&early);
@@ -171,8 +164,16 @@ impl ConnectionManager for TcpConnectionManager {
             };
             let _ = socket2::SockRef::from(other).set_linger(Some(Duration::ZERO));
         }
-        drop((client, backend, lease));
+        drop((client, backend));
 
+        // Built only now, so that it is not part of what an open connection holds.
+        let mut metrics = ConnectionMetrics::new(context);
+        metrics.backend_name = Some(lease.backend().address().clone());
+        drop(lease);
+        metrics.backend = Some(address);
+        metrics.connect_attempts = attempts;
+        metrics.connect_time = Some(connect_time);
+        metrics.lifecycle.backend_connected = Some(connect_time);
         let started = metrics.context.started;
         let since_start = |at: Option<Instant>| at.map(|t| t.saturating_duration_since(started));
         metrics.bytes_received = outcome.bytes_up;

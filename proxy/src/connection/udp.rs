@@ -466,6 +466,22 @@ fn expiry(settings: &ListenerSettings) -> Expiry {
     Expiry { idle: limits.idle_timeout.get(), max_age: limits.max_connection_duration.map(|d| d.get()) }
 }
 
+/// Takes a session out of the pool if its reply task panics, so that no datagram goes on to a
+/// session nobody relays for.
+struct LeaveOnUnwind<'a> {
+    pool: &'a DashMapConnectionPool<SessionKey, Arc<UdpConnection>>,
+    session: &'a UdpConnection,
+}
+
+impl Drop for LeaveOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let context = &self.session.info.context;
+            self.pool.remove(&(context.source, context.destination));
+        }
+    }
+}
+
 /// A socket connected to the backend: the kernel filters out datagrams from anyone else.
 fn connect_upstream(backend: SocketAddr) -> io::Result<UdpSocket> {
     let any: SocketAddr = match backend {
@@ -548,6 +564,8 @@ impl ConnectionManager for UdpConnectionManager {
     async fn handle_connection(&self, session: Arc<UdpConnection>) -> ConnectionMetrics {
         let (client, local) = (session.info.context.source, session.info.context.destination);
         let metrics = &session.settings.metrics;
+        // Should this task die, the session leaves the pool with it (the guard runs as it unwinds).
+        let _leave = LeaveOnUnwind { pool: &self.pool, session: &session };
         loop {
             tokio::select! {
                 biased;
@@ -600,10 +618,6 @@ impl ConnectionManager for UdpConnectionManager {
         report.close_reason = reason;
         report.close();
         report
-    }
-
-    fn release(&self, context: &ConnectionContext) {
-        self.pool.remove(&(context.source, context.destination));
     }
 
     fn connection_count(&self) -> usize {
