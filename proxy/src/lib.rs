@@ -3,6 +3,7 @@
 //! - [`config`]: the config schema (shared with the `L4Proxy` resource), parsing and checks.
 //! - [`connection`]: the connection-management API: TCP and UDP connection managers, the pool
 //!   and admission that bound them, what each connection measured and how it is recorded.
+//! - [`control`]: the control protocol (gRPC) between proxies and the operator.
 //! - [`backend`]: backends, their health and ejection, connecting with failover.
 //! - [`balance`]: load-balancing algorithms.
 //! - [`routing`]: choosing a route for what probing found.
@@ -22,6 +23,7 @@ pub mod backend;
 pub mod balance;
 pub mod config;
 pub mod connection;
+pub mod control;
 pub mod metrics;
 pub mod probe;
 pub mod proxy_protocol;
