@@ -19,6 +19,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -54,6 +59,13 @@ pub struct Metrics {
     leader: Gauge,
     lease_failures: Counter,
     configs: Gauge,
+    proxies: Gauge,
+    pushes: Counter,
+    applied: Counter,
+    rejected: Counter,
+    refused: Family<ReasonLabels, Counter>,
+    push_latency: Histogram,
+    token_reviews: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -75,6 +87,14 @@ impl Metrics {
             leader: Gauge::default(),
             lease_failures: Counter::default(),
             configs: Gauge::default(),
+            proxies: Gauge::default(),
+            pushes: Counter::default(),
+            applied: Counter::default(),
+            rejected: Counter::default(),
+            refused: Family::default(),
+            // 1 ms .. ~33 s
+            push_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            token_reviews: Family::default(),
         };
         let r = &mut m.registry;
         r.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -93,7 +113,47 @@ impl Metrics {
             m.lease_failures.clone(),
         );
         r.register("effective_configs", "Resources with an effective config held for proxies", m.configs.clone());
+        r.register("proxies_connected", "Proxies connected to this replica's config service", m.proxies.clone());
+        r.register("config_pushes", "Configs sent to proxies", m.pushes.clone());
+        r.register("config_applied", "Configs proxies acknowledged as applied", m.applied.clone());
+        r.register("config_rejected", "Configs proxies rejected", m.rejected.clone());
+        r.register("proxies_refused", "Proxy connections refused, by reason", m.refused.clone());
+        r.register(
+            "push_latency_seconds",
+            "From a new config version to a proxy's Ack that applied it",
+            m.push_latency.clone(),
+        );
+        r.register("token_reviews", "TokenReview calls, by result", m.token_reviews.clone());
         m
+    }
+
+    pub fn connected(&self, proxies: usize) {
+        self.proxies.set(i64::try_from(proxies).unwrap_or(i64::MAX));
+    }
+
+    pub fn pushed(&self) {
+        self.pushes.inc();
+    }
+
+    pub fn applied(&self) {
+        self.applied.inc();
+    }
+
+    pub fn rejected(&self) {
+        self.rejected.inc();
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn push_latency(&self, latency: std::time::Duration) {
+        self.push_latency.observe(latency.as_secs_f64());
+    }
+
+    pub fn token_review(&self, authenticated: bool) {
+        let result = if authenticated { "authenticated" } else { "refused" };
+        self.token_reviews.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Counts a reconcile; its duration is recorded when the timer drops.

@@ -19,13 +19,28 @@ const MAX_MESSAGE_LEN: usize = 1024;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decided {
     pub type_: &'static str,
-    pub status: bool,
+    /// `True`, `False` or `Unknown`.
+    pub status: &'static str,
     pub reason: &'static str,
     pub message: String,
 }
 
 impl Decided {
     pub fn new(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Self {
+        Self::with_status(type_, if status { "True" } else { "False" }, reason, message)
+    }
+
+    /// A condition whose status cannot be told yet.
+    pub fn unknown(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self::with_status(type_, "Unknown", reason, message)
+    }
+
+    fn with_status(
+        type_: &'static str,
+        status: &'static str,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         let mut message = message.into();
         if message.len() > MAX_MESSAGE_LEN {
             let mut cut = MAX_MESSAGE_LEN - 3;
@@ -84,17 +99,13 @@ pub fn decide(resolved: &Result<Resolved, SpecError>, gateway: Option<&GatewaySt
     vec![accepted, ready]
 }
 
-fn status_text(status: bool) -> &'static str {
-    if status { "True" } else { "False" }
-}
-
 /// The conditions to write: `decided` with `observedGeneration`, keeping each existing
 /// condition's `lastTransitionTime` when its status did not change, `now` otherwise.
 pub fn merge(existing: &[Condition], decided: &[Decided], generation: i64, now: Timestamp) -> Vec<Condition> {
     decided
         .iter()
         .map(|d| {
-            let status = status_text(d.status);
+            let status = d.status;
             let since = existing
                 .iter()
                 .find(|c| c.type_ == d.type_ && c.status == status)
@@ -175,14 +186,14 @@ mod tests {
 
     fn ready(decided: &[Decided]) -> (bool, &'static str) {
         let ready = decided.iter().find(|d| d.type_ == READY).unwrap();
-        (ready.status, ready.reason)
+        (ready.status == "True", ready.reason)
     }
 
     #[test]
     fn refused_spec_is_not_accepted_and_not_ready() {
         let refused = SpecError { reason: "InvalidSpec", field: "spec.listeners[0]".into(), message: "bad".into() };
         let decided = decide(&Err(refused), None);
-        assert_eq!((decided[0].type_, decided[0].status, decided[0].reason), (ACCEPTED, false, "InvalidSpec"));
+        assert_eq!((decided[0].type_, decided[0].status, decided[0].reason), (ACCEPTED, "False", "InvalidSpec"));
         assert_eq!(ready(&decided), (false, "NotAccepted"));
     }
 

@@ -67,7 +67,7 @@ fn metadata(proxy: &L4Proxy) -> ObjectMeta {
 
 /// The gateway's listeners: each listens on all addresses (of its family) at its port, so the
 /// Service can reach it.
-fn gateway_listeners(listeners: &[Listener]) -> Vec<Listener> {
+pub fn gateway_listeners(listeners: &[Listener]) -> Vec<Listener> {
     listeners
         .iter()
         .map(|l| {

@@ -5,5 +5,6 @@ pub mod conditions;
 pub mod configs;
 pub mod effective;
 pub mod gateway;
+pub mod proxies;
 pub mod resolve;
 pub mod spec;
