@@ -19,4 +19,4 @@ pub mod operator;
 pub mod reconcile;
 
 pub use api::crd::{L4Proxy, L4ProxySpec, L4ProxyStatus};
-pub use operator::{OperatorConfig, Running, start};
+pub use operator::{ConfigServiceConfig, OperatorConfig, Running, StartError, start};

@@ -9,7 +9,10 @@ use l4proxy::{
     config::ConfigDuration,
     telemetry::{self, LogFormat},
 };
-use l4proxy_operator::{OperatorConfig, api::crd::crd_yaml, lease::LeaseConfig, reconcile::Options};
+use l4proxy_operator::{ConfigServiceConfig, OperatorConfig, api::crd::crd_yaml, certs, lease::LeaseConfig, reconcile::Options};
+
+/// The operator's Service in the chart: the names proxies and gateway pods reach it by.
+const SERVICE_NAME: &str = "l4proxy-operator";
 
 #[derive(Parser)]
 #[command(name = "l4proxy-operator", version, about = "Kubernetes operator for l4proxy")]
@@ -67,6 +70,24 @@ struct RunArgs {
     /// How often the lease is renewed or tried.
     #[arg(long, default_value = "2s")]
     lease_retry_period: ConfigDuration,
+    /// Where the config service (gRPC over TLS) listens for proxies.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    config_service_address: SocketAddr,
+    /// Names in the config service's serving certificate (comma-separated; 127.0.0.1 is always
+    /// added). Default: the chart's Service, `l4proxy-operator[.NAMESPACE[.svc]]`.
+    #[arg(long, value_delimiter = ',')]
+    config_service_dns_names: Vec<String>,
+    /// What gateway pods dial to reach the config service. Default:
+    /// `https://l4proxy-operator.NAMESPACE.svc:PORT` (the port of --config-service-address).
+    #[arg(long)]
+    config_service_url: Option<String>,
+    /// Most proxies this replica serves at once (beyond, a connection is refused and the proxy
+    /// tries again, reaching another replica through the Service).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_proxies: u32,
+    /// How often the proxies' reports are summed up and a resource's status may be written.
+    #[arg(long, default_value = "10s")]
+    status_interval: ConfigDuration,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -122,6 +143,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         format!("{}-{}", host.trim(), std::process::id())
     });
     let lease_namespace = args.lease_namespace.or_else(|| args.namespace.clone()).unwrap_or_else(|| "default".into());
+    let dns_names = if args.config_service_dns_names.is_empty() {
+        certs::service_dns_names(SERVICE_NAME, &lease_namespace)
+    } else {
+        args.config_service_dns_names
+    };
+    let gateway_url = args.config_service_url.unwrap_or_else(|| {
+        format!("https://{SERVICE_NAME}.{lease_namespace}.svc:{}", args.config_service_address.port())
+    });
     let config = OperatorConfig {
         options: Options {
             namespace: args.namespace,
@@ -130,6 +159,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             resync: args.resync.get(),
             identity: identity.clone(),
             max_concurrent_reconciles: args.max_concurrent_reconciles,
+            gateway_control: None,
         },
         lease: LeaseConfig {
             namespace: lease_namespace,
@@ -140,11 +170,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             retry_period: args.lease_retry_period.get(),
         },
         http_address: Some(args.http_address),
+        config_service: Some(ConfigServiceConfig {
+            address: args.config_service_address,
+            dns_names,
+            gateway_url: Some(gateway_url),
+            max_proxies: args.max_proxies as usize,
+        }),
+        status_interval: args.status_interval.get(),
     };
-    let running = l4proxy_operator::start(client, config)
-        .await
-        .with_context(|| format!("binding --http-address {}", args.http_address))?;
-    tracing::info!(http = ?running.http_address, "operator started");
+    let running = l4proxy_operator::start(client, config).await.context("starting the operator")?;
+    tracing::info!(http = ?running.http_address, config_service = ?running.config_service_address, "operator started");
     shutdown_signal().await;
     tracing::info!("stopping: finishing reconciles, then releasing the lease");
     match tokio::time::timeout(Duration::from_secs(30), running.stop()).await {

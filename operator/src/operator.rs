@@ -4,29 +4,82 @@
 
 use std::{
     net::SocketAddr,
+    time::Duration,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
 };
 
-use kube::Client;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, reflector, watcher},
+};
 use l4proxy::telemetry;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    certs::{Certificates, CertsConfig, CertsError},
+    config::{self, Registry},
+    model::gateway::GatewayControl,
     lease::{Elector, Leadership, LeaseConfig},
     metrics::Metrics,
     model::configs::ConfigStore,
-    reconcile::{self, Cache, Context, Options},
+    reconcile::{
+        self, Cache, Context, Options,
+        proxies::{self, ProxyStatus, REPORT_LABEL},
+    },
 };
+
+async fn bind(what: &'static str, address: Option<SocketAddr>) -> Result<(Option<TcpListener>, Option<SocketAddr>), StartError> {
+    let Some(address) = address else { return Ok((None, None)) };
+    let failed = |source| StartError::Bind { what, address, source };
+    let socket = TcpListener::bind(address).await.map_err(failed)?;
+    let local = socket.local_addr().map_err(failed)?;
+    Ok((Some(socket), Some(local)))
+}
+
+/// Reconciles asked for by proxy changes and not started yet (one per resource per status
+/// interval at most; beyond, the next interval asks again).
+const TRIGGER_QUEUE: usize = 1024;
 
 pub struct OperatorConfig {
     pub options: Options,
     pub lease: LeaseConfig,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere.
     pub http_address: Option<SocketAddr>,
+    /// The config service; `None`: no proxy is served (the reconciler still holds configs).
+    pub config_service: Option<ConfigServiceConfig>,
+    /// How often the proxies' reports are summed up into status (`--status-interval`).
+    pub status_interval: Duration,
+}
+
+/// Where the config service listens and what its certificate says.
+pub struct ConfigServiceConfig {
+    pub address: SocketAddr,
+    /// The serving certificate's names (127.0.0.1 is always added).
+    pub dns_names: Vec<String>,
+    /// What gateway pods dial; `None`: gateway pods read only their ConfigMap.
+    pub gateway_url: Option<String>,
+    /// Most proxies this replica serves at once.
+    pub max_proxies: usize,
+}
+
+/// Why the operator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding {what} {address}")]
+    Bind {
+        what: &'static str,
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the config service's certificates")]
+    Certificates(#[from] CertsError),
 }
 
 /// A started operator. [`Running::stop`] shuts it down gracefully.
@@ -36,6 +89,10 @@ pub struct Running {
     pub leadership: Leadership,
     /// The bound HTTP address (useful with port 0).
     pub http_address: Option<SocketAddr>,
+    /// The bound config service address (useful with port 0).
+    pub config_service_address: Option<SocketAddr>,
+    /// The proxies connected to this replica.
+    pub registry: Arc<Registry>,
     health: Arc<Health>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -81,13 +138,12 @@ impl Running {
     }
 }
 
-/// Binds the HTTP address (the only step that can fail) and starts everything.
-pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Running> {
-    let http_socket = match config.http_address {
-        Some(addr) => Some(TcpListener::bind(addr).await?),
-        None => None,
-    };
-    let http_address = http_socket.as_ref().map(TcpListener::local_addr).transpose()?;
+/// Binds the HTTP and config service addresses and loads the certificates (the steps that can
+/// fail), then starts everything.
+pub async fn start(client: Client, mut config: OperatorConfig) -> Result<Running, StartError> {
+    let (http_socket, http_address) = bind("--http-address", config.http_address).await?;
+    let (config_socket, config_service_address) =
+        bind("--config-service-address", config.config_service.as_ref().map(|s| s.address)).await?;
     let metrics = Arc::new(Metrics::new());
     let configs = Arc::new(ConfigStore::default());
 
@@ -95,6 +151,20 @@ pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Ru
     // Cancelled when the controller has stopped: the lease is released and HTTP stops after it.
     let controller_done = CancellationToken::new();
 
+    let lease_namespace = config.lease.namespace.clone();
+    let certificates = match &config.config_service {
+        Some(service) => {
+            let certs = CertsConfig::new(lease_namespace.clone(), service.dns_names.clone());
+            let certificates = Certificates::start(client.clone(), certs, metrics.clone(), stop.clone()).await?;
+            config.options.gateway_control = service
+                .gateway_url
+                .clone()
+                .map(|url| GatewayControl { url, ca_pem: certificates.ca_pem() });
+            Some(certificates)
+        }
+        None => None,
+    };
+    let identity = config.lease.identity.clone();
     let (elector, leadership) = Elector::new(client.clone(), config.lease, metrics.clone());
     let health =
         Arc::new(Health { metrics: metrics.clone(), leadership: leadership.clone(), ready: AtomicBool::new(false) });
@@ -118,30 +188,79 @@ pub async fn start(client: Client, config: OperatorConfig) -> std::io::Result<Ru
     });
 
     let (cache, writers) = Cache::new();
+    let proxy_status = Arc::new(ProxyStatus::default());
+    let max_proxies = config.config_service.as_ref().map_or(0, |s| s.max_proxies);
+    let registry = Registry::new(max_proxies);
     let ctx = Arc::new(Context {
         recorder: reconcile::recorder(client.clone(), &config.options.identity),
-        client,
-        cache,
+        client: client.clone(),
+        cache: cache.clone(),
         options: config.options,
         configs: configs.clone(),
+        proxy_status: proxy_status.clone(),
         leadership: leadership.clone(),
         metrics: metrics.clone(),
     });
+    // Proxy streams end as soon as the operator stops (a clean close: proxies reconnect to
+    // another replica at once).
+    let mut tasks = Vec::new();
+    if let (Some(socket), Some(certificates)) = (config_socket, &certificates) {
+        let shared = Arc::new(config::Shared {
+            auth: config::auth::Authenticator::new(client.clone()),
+            configs: configs.clone(),
+            resources: cache.resources().clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            shutdown: stop.clone(),
+        });
+        if let Some(address) = config_service_address {
+            tracing::info!(address = %config::describe(address), "config service listening");
+        }
+        tasks.push(tokio::spawn(config::serve(socket, certificates.server_config(), shared)));
+    }
+    if let Some(certificates) = certificates {
+        tasks.push(tokio::spawn(certificates.stopped()));
+    }
+    let (triggers, triggered) = mpsc::channel(TRIGGER_QUEUE);
+    let (reports, reports_writer) = reflector::store();
+    let report_watch = watcher(
+        Api::<ConfigMap>::namespaced(client.clone(), &lease_namespace),
+        watcher::Config::default().labels(&format!("{REPORT_LABEL}=true")),
+    )
+    .default_backoff()
+    .reflect(reports_writer)
+    .take_until(stop.clone().cancelled_owned())
+    .for_each(|_| std::future::ready(()));
+    tasks.push(tokio::spawn(report_watch));
+    let aggregation = proxies::Aggregation {
+        client,
+        namespace: lease_namespace,
+        identity,
+        interval: config.status_interval,
+        registry: registry.clone(),
+        configs: configs.clone(),
+        status: proxy_status,
+        leadership: leadership.clone(),
+        reports,
+        triggers,
+    };
+    tasks.push(tokio::spawn(proxies::run(aggregation, stop.clone())));
     let controller_health = health.clone();
     let controller_stop = stop.clone();
     let done = controller_done.clone();
     let controller_task = tokio::spawn(async move {
-        reconcile::run(ctx, writers, controller_stop.cancelled_owned(), move || {
+        let triggered = futures::stream::unfold(triggered, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        reconcile::run(ctx, writers, triggered, controller_stop.cancelled_owned(), move || {
             controller_health.ready.store(true, Ordering::Release)
         })
         .await;
         tracing::info!("controller stopped");
         done.cancel();
     });
-    let mut tasks = vec![controller_task, elector_task];
+    tasks.extend([controller_task, elector_task]);
     if let Some(socket) = http_socket {
         let app = telemetry::router(health.clone());
         tasks.push(tokio::spawn(telemetry::serve(socket, app, telemetry::HttpLimits::default(), controller_done)));
     }
-    Ok(Running { metrics, configs, leadership, http_address, health, stop, tasks })
+    Ok(Running { metrics, configs, leadership, http_address, config_service_address, registry, health, stop, tasks })
 }

@@ -29,7 +29,8 @@ pub const MAX_GATEWAY_REPLICAS: i32 = 100;
     doc = "Layer-4 (TCP/UDP) listeners served by l4proxy sidecars and an optional gateway.",
     printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
     printcolumn(name = "Reason", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].reason"#, priority = "1"),
-    printcolumn(name = "Proxies", type_ = "integer", json_path = ".status.proxies.connected", description = "proxies connected to the operator"),
+    printcolumn(name = "Programmed", type_ = "string", json_path = r#".status.conditions[?(@.type=="Programmed")].status"#),
+    printcolumn(name = "Proxies", type_ = "string", json_path = ".status.proxies.summary", description = "proxies running the current config / proxies connected"),
     printcolumn(name = "Listeners", type_ = "string", json_path = ".spec.listeners[*].name"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("!has(self.spec.gateway) || size(self.metadata.name) <= 55")
@@ -126,16 +127,52 @@ pub struct ProxyCounts {
     pub connected: u32,
     /// Connected proxies running `configVersion`.
     pub in_sync: u32,
+    /// `inSync/connected`, for `kubectl get`.
+    #[serde(default)]
+    pub summary: String,
 }
 
-/// One listener's state.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// One listener's state: its backends, and what its proxies report (summed over them).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ListenerStatus {
     /// The listener's name.
     pub name: String,
     /// Backend addresses in the effective config (service backends count each ready endpoint).
     pub backends: u32,
+    /// The proxies' connections (TCP) or session pools (UDP) of this listener, summed; absent
+    /// while no proxy reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_stats: Option<PoolStatus>,
+    /// Connections or sessions open now.
+    #[serde(default)]
+    pub active: u64,
+    /// Connections or sessions admitted since the proxies started.
+    #[serde(default)]
+    pub accepted: u64,
+    /// Refused at the listener's limit.
+    #[serde(default)]
+    pub rejected: u64,
+    /// Bytes from clients.
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// Bytes to clients.
+    #[serde(default)]
+    pub bytes_sent: u64,
+}
+
+/// A listener's pool, summed over the proxies that report it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    /// Entries (open connections, or UDP sessions) now.
+    pub size: u64,
+    /// The sum of the proxies' limits.
+    pub max_size: u64,
+    /// Entries closed or removed for idleness or age.
+    pub expired_count: u64,
+    /// The mean age of the entries, weighted by each proxy's size.
+    pub average_age_seconds: f64,
 }
 
 /// The CRD, with schemars' unsigned integer formats (`uint16`, `uint32`), which the API server

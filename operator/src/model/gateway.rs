@@ -2,9 +2,10 @@
 //! standalone proxy. Pure functions from the resource to the objects to apply; the reconciler
 //! applies them (server-side apply) or deletes them when `spec.gateway` goes away.
 //!
-//! Until proxies receive config from the operator's config service, gateway pods read the
-//! effective config from the ConfigMap (mounted as a file, which the proxy watches and reloads
-//! without dropping connections).
+//! With the operator's config service ([`GatewayControl`]), gateway pods subscribe to it like
+//! any proxy (a projected token of audience `l4proxy.dev`, the CA from their ConfigMap) and the
+//! ConfigMap's config is only their bootstrap: what they serve before the first push. Without
+//! it, they watch the ConfigMap's file and reload it without dropping connections.
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
@@ -12,8 +13,10 @@ use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec},
         core::v1::{
-            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, PodSpec,
-            PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+            HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+            SecurityContext, Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume,
+            VolumeMount, VolumeProjection,
         },
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
@@ -30,6 +33,20 @@ use crate::api::{
 pub const ADMIN_PORT: u16 = 9901;
 const CONFIG_DIR: &str = "/etc/l4proxy";
 const CONFIG_FILE: &str = "config.yaml";
+const CA_FILE: &str = "ca.crt";
+const TOKEN_DIR: &str = "/var/run/secrets/l4proxy.dev";
+const TOKEN_FILE: &str = "token";
+/// How long a gateway pod's projected token lives (the kubelet rotates it well before).
+const TOKEN_EXPIRY_SECONDS: i64 = 3600;
+
+/// How gateway pods reach the operator's config service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayControl {
+    /// `https://HOST:PORT` of the config service (its Service, from inside the cluster).
+    pub url: String,
+    /// The CA that signs the config service's certificate.
+    pub ca_pem: String,
+}
 
 /// The name shared by a resource's gateway Deployment, Service and ConfigMap.
 pub fn name(proxy: &L4Proxy) -> String {
@@ -97,29 +114,35 @@ fn protocol(listener: &Listener) -> Option<String> {
     Some(name.to_owned())
 }
 
-/// The proxy config file the gateway runs, from the effective listeners.
-pub fn config_map(proxy: &L4Proxy, effective: &[Listener]) -> ConfigMap {
+/// The proxy config file the gateway runs (or starts with, under a config service), from the
+/// effective listeners, and the config service's CA.
+pub fn config_map(proxy: &L4Proxy, effective: &[Listener], control: Option<&GatewayControl>) -> ConfigMap {
     let config = ProxyConfig {
         admin: Some(AdminConfig { address: format!("0.0.0.0:{ADMIN_PORT}") }),
         listeners: gateway_listeners(effective),
     };
     let yaml = serde_yaml_ng::to_string(&config).expect("a config always serialises");
-    ConfigMap {
-        metadata: metadata(proxy),
-        data: Some(BTreeMap::from([(CONFIG_FILE.to_owned(), yaml)])),
-        ..Default::default()
+    let mut data = BTreeMap::from([(CONFIG_FILE.to_owned(), yaml)]);
+    if let Some(control) = control {
+        data.insert(CA_FILE.to_owned(), control.ca_pem.clone());
     }
+    ConfigMap { metadata: metadata(proxy), data: Some(data), ..Default::default() }
 }
 
-/// The Deployment running `image` with the ConfigMap's config.
-pub fn deployment(proxy: &L4Proxy, gateway: &GatewaySpec, image: &str) -> Deployment {
+/// The Deployment running `image` with the ConfigMap's config, subscribed to the config
+/// service when there is one.
+pub fn deployment(proxy: &L4Proxy, gateway: &GatewaySpec, image: &str, control: Option<&GatewayControl>) -> Deployment {
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource { name: name(proxy), ..Default::default() }),
+        ..Default::default()
+    }];
+    if control.is_some() {
+        volumes.push(token_volume());
+    }
     let pod = PodSpec {
-        containers: vec![container(proxy, gateway.image.as_deref().unwrap_or(image))],
-        volumes: Some(vec![Volume {
-            name: "config".into(),
-            config_map: Some(ConfigMapVolumeSource { name: name(proxy), ..Default::default() }),
-            ..Default::default()
-        }]),
+        containers: vec![container(proxy, gateway.image.as_deref().unwrap_or(image), control)],
+        volumes: Some(volumes),
         ..Default::default()
     };
     Deployment {
@@ -137,9 +160,64 @@ pub fn deployment(proxy: &L4Proxy, gateway: &GatewaySpec, image: &str) -> Deploy
     }
 }
 
+/// A projected ServiceAccount token for the config service (audience `l4proxy.dev`).
+fn token_volume() -> Volume {
+    Volume {
+        name: "token".into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(l4proxy::control::TOKEN_AUDIENCE.into()),
+                    expiration_seconds: Some(TOKEN_EXPIRY_SECONDS),
+                    path: TOKEN_FILE.into(),
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The proxy's arguments: the config file, and the config service when there is one.
+fn args(proxy: &L4Proxy, control: Option<&GatewayControl>) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["run", "--config", &format!("{CONFIG_DIR}/{CONFIG_FILE}"), "--log-format", "json"].map(String::from).into();
+    if let Some(control) = control {
+        let resource = format!("{}/{}", proxy.namespace().unwrap_or_default(), proxy.name_any());
+        args.extend(
+            [
+                "--control-plane",
+                &control.url,
+                "--resource",
+                &resource,
+                "--token-file",
+                &format!("{TOKEN_DIR}/{TOKEN_FILE}"),
+                "--ca-file",
+                &format!("{CONFIG_DIR}/{CA_FILE}"),
+            ]
+            .map(String::from),
+        );
+    }
+    args
+}
+
+/// `POD_NAME` and `POD_NAMESPACE` from the downward API: the proxy's identity.
+fn pod_identity_env() -> Vec<EnvVar> {
+    let field = |name: &str, path: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    vec![field("POD_NAME", "metadata.name"), field("POD_NAMESPACE", "metadata.namespace")]
+}
+
 /// The proxy container: a port per listener and the admin port, probes on the admin port,
 /// no privileges beyond binding a port below 1024 when a listener needs one.
-fn container(proxy: &L4Proxy, image: &str) -> Container {
+fn container(proxy: &L4Proxy, image: &str, control: Option<&GatewayControl>) -> Container {
     let listeners = &proxy.spec.listeners;
     let ports = listeners
         .iter()
@@ -164,11 +242,8 @@ fn container(proxy: &L4Proxy, image: &str) -> Container {
     Container {
         name: "l4proxy".into(),
         image: Some(image.into()),
-        args: Some(
-            ["run", "--config", &format!("{CONFIG_DIR}/{CONFIG_FILE}"), "--log-format", "json"]
-                .map(String::from)
-                .into(),
-        ),
+        args: Some(args(proxy, control)),
+        env: control.is_some().then(pod_identity_env),
         ports: Some(ports),
         readiness_probe: Some(probe("/readyz")),
         liveness_probe: Some(probe("/healthz")),
@@ -182,12 +257,17 @@ fn container(proxy: &L4Proxy, image: &str) -> Container {
             }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "config".into(),
-            mount_path: CONFIG_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(
+            std::iter::once(("config", CONFIG_DIR))
+                .chain(control.map(|_| ("token", TOKEN_DIR)))
+                .map(|(name, path)| VolumeMount {
+                    name: name.into(),
+                    mount_path: path.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
         ..Default::default()
     }
 }
@@ -253,7 +333,7 @@ mod tests {
             .collect();
         assert_eq!(ports, vec![("postgres".into(), 15432, "TCP".into()), ("dns".into(), 53, "UDP".into())]);
 
-        let deploy = deployment(&p, &gateway, "example/l4proxy:1");
+        let deploy = deployment(&p, &gateway, "example/l4proxy:1", None);
         assert!(owned_by(&deploy, &p));
         let spec = deploy.spec;
         assert_eq!(spec.replicas, Some(2));
@@ -266,7 +346,7 @@ mod tests {
     #[test]
     fn gateway_config_listens_on_all_addresses_at_the_listener_port() {
         let p = proxy(DB);
-        let cm = config_map(&p, &p.spec.listeners);
+        let cm = config_map(&p, &p.spec.listeners, None);
         let text = &cm.data.unwrap()[CONFIG_FILE];
         let config = l4proxy::config::parse_yaml(text).unwrap();
         l4proxy::config::check(&config).unwrap();
@@ -278,7 +358,7 @@ mod tests {
     fn image_override_wins_over_the_operator_default() {
         let p = proxy(DB);
         let gateway = GatewaySpec { image: Some("mine:2".into()), ..Default::default() };
-        let deploy = deployment(&p, &gateway, "example/l4proxy:1");
+        let deploy = deployment(&p, &gateway, "example/l4proxy:1", None);
         let image = deploy.spec.template.spec.unwrap().containers[0].image.clone();
         assert_eq!(image.as_deref(), Some("mine:2"));
     }

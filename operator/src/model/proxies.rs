@@ -109,6 +109,18 @@ impl Summary {
         summary
     }
 
+    /// This summary as it stands against `version`, the resource's current config: proxies
+    /// counted as in sync with an older version are not in sync with this one.
+    pub fn against(mut self, version: Option<&str>) -> Summary {
+        if self.version.as_deref() != version {
+            self.version = version.map(str::to_owned);
+            self.in_sync = 0;
+            self.rejections.clear();
+            self.rejected_count = 0;
+        }
+        self
+    }
+
     /// Adds another replica's part. Parts about another version than `self`'s (a replica that
     /// has not seen the newest config yet) add their proxies as connected, not in sync.
     pub fn merge(&mut self, other: &Summary) {
@@ -232,6 +244,15 @@ mod tests {
         assert_eq!(Summary::of(None, &[proxy("a", None, None, 0, 0.0)]).programmed().status, "Unknown");
         let pending = Summary::of(Some("v2"), &[proxy("a", Some("v1"), None, 0, 0.0)]).programmed();
         assert_eq!((pending.status, pending.reason), ("False", "Applying"));
+    }
+
+    #[test]
+    fn a_summary_of_an_older_version_has_none_in_sync_with_the_new_one() {
+        let summary = Summary::of(Some("v1"), &[proxy("a", Some("v1"), None, 0, 0.0)]);
+        let against = summary.clone().against(Some("v2"));
+        assert_eq!((against.connected, against.in_sync), (1, 0));
+        assert_eq!(summary.clone().against(Some("v1")), summary);
+        assert_eq!(Summary::default().against(Some("v1")).programmed().reason, "NoProxies");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use l4proxy::config::Listener;
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    api::labels::SERVICE_NAME_LABEL,
+    api::{crd::L4Proxy, labels::SERVICE_NAME_LABEL},
     model::{
         effective::{self, ServiceKey},
         resolve::{self, Unresolved},
@@ -34,6 +34,9 @@ use crate::{
 /// The read halves; cheap to clone.
 #[derive(Clone)]
 pub struct Cache {
+    /// The `L4Proxy` resources themselves (the controller's own store; the config service
+    /// reads it too).
+    resources: Store<L4Proxy>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     deployments: Store<PartialObjectMeta<Deployment>>,
@@ -43,6 +46,7 @@ pub struct Cache {
 
 /// The write halves, one per watch that fills the cache (see `watches::run`).
 pub struct Writers {
+    pub(super) resources: Writer<L4Proxy>,
     pub(super) services: Writer<Service>,
     pub(super) slices: Writer<EndpointSlice>,
     pub(super) deployments: Writer<PartialObjectMeta<Deployment>>,
@@ -85,13 +89,15 @@ impl GatewayObject for ConfigMap {
 impl Cache {
     /// An empty cache and the writers that fill it.
     pub fn new() -> (Self, Writers) {
+        let (resources, resources_writer) = reflector::store();
         let (services, services_writer) = reflector::store();
         let (slices, slices_writer) = reflector::store();
         let (deployments, deployments_writer) = reflector::store();
         let (gateway_services, gateway_services_writer) = reflector::store();
         let (config_maps, config_maps_writer) = reflector::store();
-        let cache = Self { services, slices, deployments, gateway_services, config_maps };
+        let cache = Self { resources, services, slices, deployments, gateway_services, config_maps };
         let writers = Writers {
+            resources: resources_writer,
             services: services_writer,
             slices: slices_writer,
             deployments: deployments_writer,
@@ -99,6 +105,11 @@ impl Cache {
             config_maps: config_maps_writer,
         };
         (cache, writers)
+    }
+
+    /// The `L4Proxy` resources as the controller's watch last saw them.
+    pub fn resources(&self) -> &Store<L4Proxy> {
+        &self.resources
     }
 
     /// Resolves once every watch has listed its objects (or a writer is gone, when the

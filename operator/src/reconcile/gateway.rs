@@ -50,10 +50,11 @@ pub(super) async fn apply(
         )));
     }
     if let Some(listeners) = effective {
-        apply_one(ctx, &ns, config_map, &gateway::config_map(proxy, listeners)).await?;
+        let control = ctx.options.gateway_control.as_ref();
+        apply_one(ctx, &ns, config_map, &gateway::config_map(proxy, listeners, control)).await?;
     }
     apply_one(ctx, &ns, service, &gateway::service(proxy, spec)).await?;
-    let desired = gateway::deployment(proxy, spec, &ctx.options.proxy_image);
+    let desired = gateway::deployment(proxy, spec, &ctx.options.proxy_image, ctx.options.gateway_control.as_ref());
     let deployment = apply_one(ctx, &ns, deployment, &desired).await?;
     let status = deployment.status.unwrap_or_default();
     Ok(GatewayState::Applied {

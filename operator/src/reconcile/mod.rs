@@ -11,6 +11,7 @@
 mod cache;
 mod error;
 mod gateway;
+pub mod proxies;
 mod status;
 mod watches;
 
@@ -49,6 +50,8 @@ pub struct Options {
     pub namespace: Option<String>,
     /// Default image for gateway pods.
     pub proxy_image: String,
+    /// How gateway pods reach the config service; `None`: they only read their ConfigMap.
+    pub gateway_control: Option<crate::model::gateway::GatewayControl>,
     /// Allow Service backends in other namespaces than the resource's.
     pub allow_cross_namespace_services: bool,
     /// Every resource is reconciled at least this often (re-resolving its Services), even
@@ -67,6 +70,8 @@ pub struct Context {
     /// Services, EndpointSlices and gateway objects, as the watches last saw them.
     pub cache: Cache,
     pub configs: Arc<ConfigStore>,
+    /// The proxies of each resource, merged over the operator's replicas.
+    pub proxy_status: Arc<proxies::ProxyStatus>,
     pub leadership: Leadership,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
@@ -169,6 +174,7 @@ mod tests {
             options: Options {
                 namespace: Some(ns.name().into()),
                 proxy_image: "example.invalid/l4proxy".into(),
+                gateway_control: None,
                 allow_cross_namespace_services: false,
                 resync: Duration::from_secs(300),
                 identity: "unit".into(),
@@ -177,6 +183,7 @@ mod tests {
             // Empty: the resource names no Service and has no gateway.
             cache: Cache::new().0,
             configs: Arc::default(),
+            proxy_status: Arc::default(),
             leadership,
             metrics: Arc::default(),
         });

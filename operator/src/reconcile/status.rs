@@ -9,11 +9,12 @@ use kube::{
 
 use super::{Context, Error, FIELD_MANAGER, error::api_error};
 use crate::{
-    api::crd::{L4Proxy, L4ProxyStatus, ListenerStatus},
+    api::crd::{L4Proxy, L4ProxyStatus, ListenerStatus, PoolStatus, ProxyCounts},
     metrics::Write,
     model::{
         conditions::{self, Decided},
         effective::Resolved,
+        proxies::Summary,
     },
 };
 
@@ -28,19 +29,20 @@ pub(super) async fn write(
     let ns = proxy.namespace().unwrap_or_default();
     let generation = proxy.metadata.generation.unwrap_or(0);
     let config_version = ctx.configs.get(&ns, &proxy.name_any()).map(|c| c.version.to_string());
-    let listeners: Vec<ListenerStatus> = resolved
-        .map(|r| {
-            r.backends_per_listener
-                .iter()
-                .map(|(name, backends)| ListenerStatus { name: name.clone(), backends: *backends })
-                .collect()
-        })
-        .unwrap_or_default();
+    let summary = ctx.proxy_status.get(&ns, &proxy.name_any()).against(config_version.as_deref());
+    let mut decided = decided.to_vec();
+    decided.push(summary.programmed());
+    let listeners = listener_statuses(resolved, &summary, &proxy.status);
+    let proxies = ProxyCounts {
+        connected: summary.connected,
+        in_sync: summary.in_sync,
+        summary: format!("{}/{}", summary.in_sync, summary.connected),
+    };
     let desired_over = |current: &L4ProxyStatus| L4ProxyStatus {
         observed_generation: Some(generation),
-        conditions: conditions::merge(&current.conditions, decided, generation, conditions::now()),
+        conditions: conditions::merge(&current.conditions, &decided, generation, conditions::now()),
         config_version: config_version.clone(),
-        proxies: current.proxies.clone(),
+        proxies: proxies.clone(),
         listeners: listeners.clone(),
     };
     let cached = proxy.status.clone().unwrap_or_default();
@@ -67,7 +69,7 @@ pub(super) async fn write(
     ctx.metrics.wrote(Write::Status);
     for condition in conditions::transitions(&current.conditions, &desired.conditions) {
         let event = Event {
-            type_: if condition.status == "True" { EventType::Normal } else { EventType::Warning },
+            type_: if condition.status == "False" { EventType::Warning } else { EventType::Normal },
             reason: condition.reason.clone(),
             note: Some(format!("{} is {}: {}", condition.type_, condition.status, condition.message)),
             action: "Reconcile".into(),
@@ -80,6 +82,36 @@ pub(super) async fn write(
         }
     }
     Ok(())
+}
+
+/// Each listener's backends (from this reconcile's resolution, or as the status last said when
+/// the spec is not accepted) and what its proxies report.
+fn listener_statuses(resolved: Option<&Resolved>, summary: &Summary, current: &Option<L4ProxyStatus>) -> Vec<ListenerStatus> {
+    let backends: Vec<(String, u32)> = match resolved {
+        Some(resolved) => resolved.backends_per_listener.clone(),
+        None => current.iter().flat_map(|s| s.listeners.iter()).map(|l| (l.name.clone(), l.backends)).collect(),
+    };
+    backends
+        .into_iter()
+        .map(|(name, backends)| {
+            let totals = summary.listeners.iter().find(|t| t.name == name);
+            ListenerStatus {
+                pool_stats: totals.map(|t| PoolStatus {
+                    size: t.size,
+                    max_size: t.max_size,
+                    expired_count: t.expired_count,
+                    average_age_seconds: (t.average_age_seconds() * 10.0).round() / 10.0,
+                }),
+                active: totals.map_or(0, |t| t.active),
+                accepted: totals.map_or(0, |t| t.accepted),
+                rejected: totals.map_or(0, |t| t.rejected),
+                bytes_received: totals.map_or(0, |t| t.bytes_received),
+                bytes_sent: totals.map_or(0, |t| t.bytes_sent),
+                name,
+                backends,
+            }
+        })
+        .collect()
 }
 
 /// The Event recorder for this replica.

@@ -44,15 +44,18 @@ where
 /// Runs the controller until `shutdown` resolves, filling the cache through `writers`; `ready`
 /// is called each time a full list of `L4Proxy` resources is in (the first one makes the
 /// operator ready).
+///
+/// `triggers` asks for reconciles of resources whose proxies changed (`proxies::run`).
 pub async fn run(
     ctx: Arc<Context>,
     writers: Writers,
+    triggers: impl Stream<Item = ObjectRef<L4Proxy>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ready: impl Fn() + Send + 'static,
 ) {
     let client = ctx.client.clone();
     let ns = ctx.options.namespace.as_deref();
-    let (reader, writer) = reflector::store::<L4Proxy>();
+    let (reader, writer) = (ctx.cache.resources().clone(), writers.resources);
     let configs = ctx.configs.clone();
     let metrics = ctx.metrics.clone();
     let known = reader.clone();
@@ -115,6 +118,7 @@ pub async fn run(
         })
         // A new leader writes everything it did not write while following.
         .reconcile_all_on(ctx.leadership.acquisitions())
+        .reconcile_on(triggers)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -9,7 +9,7 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
 };
-use l4proxy_operator::{L4Proxy, OperatorConfig, Running, lease::LeaseConfig, reconcile::Options};
+use l4proxy_operator::{ConfigServiceConfig, L4Proxy, OperatorConfig, Running, lease::LeaseConfig, reconcile::Options};
 use l4proxy_testenv::{ControlPlane, TestNamespace, wait_for};
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,9 +50,29 @@ pub fn lease(namespace: &str, identity: &str) -> LeaseConfig {
     }
 }
 
-/// An operator watching only `namespace`.
+/// An operator watching only `namespace`, without a config service.
 pub async fn start_operator(client: &Client, namespace: &str, identity: &str) -> Running {
-    let config = OperatorConfig {
+    l4proxy_operator::start(client.clone(), operator_config(namespace, identity, None)).await.expect("operator starts")
+}
+
+/// How long the operator sums up its proxies' reports in tests.
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// An operator watching only `namespace`, serving proxies on 127.0.0.1:`port`; its CA and
+/// serving certificate live in `namespace` (the Lease's).
+pub async fn start_operator_serving(client: &Client, namespace: &str, identity: &str, port: u16) -> Running {
+    let service = ConfigServiceConfig {
+        address: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        dns_names: vec!["localhost".into()],
+        gateway_url: None,
+        max_proxies: 100,
+    };
+    let config = operator_config(namespace, identity, Some(service));
+    l4proxy_operator::start(client.clone(), config).await.expect("operator starts")
+}
+
+fn operator_config(namespace: &str, identity: &str, config_service: Option<ConfigServiceConfig>) -> OperatorConfig {
+    OperatorConfig {
         options: Options {
             namespace: Some(namespace.to_owned()),
             proxy_image: "example.invalid/l4proxy:test".into(),
@@ -60,16 +80,22 @@ pub async fn start_operator(client: &Client, namespace: &str, identity: &str) ->
             resync: Duration::from_secs(300),
             identity: identity.to_owned(),
             max_concurrent_reconciles: 4,
+            gateway_control: None,
         },
         lease: lease(namespace, identity),
         http_address: None,
-    };
-    l4proxy_operator::start(client.clone(), config).await.expect("operator starts")
+        config_service,
+        status_interval: STATUS_INTERVAL,
+    }
 }
 
 /// Starts an operator and waits until it holds the lease.
 pub async fn start_leader(client: &Client, namespace: &str, identity: &str) -> Running {
-    let running = start_operator(client, namespace, identity).await;
+    leading(start_operator(client, namespace, identity).await).await
+}
+
+/// Waits until `running` holds the lease and its cache is filled.
+pub async fn leading(running: Running) -> Running {
     wait_for("the operator to become leader and ready", TIMEOUT, || async {
         (running.leadership.is_leader() && running.is_ready()).then_some(())
     })

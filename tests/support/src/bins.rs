@@ -77,3 +77,38 @@ fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     path.metadata().is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
+
+/// Points at a prebuilt `l4proxy` binary (the Makefile sets it); otherwise one is built.
+pub const PROXY_BIN_ENV: &str = "L4PROXY_BIN";
+
+/// The `l4proxy` binary for tests that run real proxy processes next to an operator: `$L4PROXY_BIN`
+/// when set, else this checkout's debug build, made once per test process with
+/// `cargo build -p l4proxy --bin l4proxy` (a no-op when it is current).
+pub fn proxy_binary() -> Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    if let Some(path) = env::var_os(PROXY_BIN_ENV).filter(|value| !value.is_empty()) {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!("${PROXY_BIN_ENV}={} is not a file", path.display());
+        }
+        return Ok(path);
+    }
+    let built = BUILT.get_or_init(|| {
+        let root = repo_root();
+        let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "l4proxy", "--bin", "l4proxy"])
+            .current_dir(&root)
+            .status()
+            .map_err(|e| format!("running cargo build -p l4proxy: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build -p l4proxy failed ({status})"));
+        }
+        let target = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+        Ok(target.join("debug").join("l4proxy"))
+    });
+    match built {
+        Ok(path) => Ok(path.clone()),
+        Err(why) => bail!("{why}; or set ${PROXY_BIN_ENV}"),
+    }
+}

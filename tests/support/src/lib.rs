@@ -37,6 +37,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use controlplane::{ControlPlane, STOP_GRACE, StartOptions};
+pub use ports::free_port;
 pub use namespace::{TEST_NAMESPACE_LABEL, TestNamespace};
 
 /// How often [`wait_for`] re-evaluates its condition.
