@@ -54,6 +54,9 @@ pub struct Metrics {
     leader: Gauge,
     lease_failures: Counter,
     configs: Gauge,
+    serving_cert_expiry: Gauge,
+    serving_cert_rotations: Family<ReasonLabels, Counter>,
+    cert_check_failures: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -75,6 +78,9 @@ impl Metrics {
             leader: Gauge::default(),
             lease_failures: Counter::default(),
             configs: Gauge::default(),
+            serving_cert_expiry: Gauge::default(),
+            serving_cert_rotations: Family::default(),
+            cert_check_failures: Family::default(),
         };
         let r = &mut m.registry;
         r.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -93,6 +99,21 @@ impl Metrics {
             m.lease_failures.clone(),
         );
         r.register("effective_configs", "Resources with an effective config held for proxies", m.configs.clone());
+        r.register(
+            "serving_cert_expiry_timestamp_seconds",
+            "When the serving certificate this replica presents expires (unix seconds)",
+            m.serving_cert_expiry.clone(),
+        );
+        r.register(
+            "serving_cert_rotations",
+            "Serving certificates this replica issued and stored, by reason (missing, issuer, names, expiring)",
+            m.serving_cert_rotations.clone(),
+        );
+        r.register(
+            "cert_check_failures",
+            "Checks of Secret l4proxy-ca that failed, by reason (the current certificates stay in use)",
+            m.cert_check_failures.clone(),
+        );
         m
     }
 
@@ -132,6 +153,18 @@ impl Metrics {
         self.configs.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
+    pub fn set_serving_cert_expiry(&self, unix_seconds: i64) {
+        self.serving_cert_expiry.set(unix_seconds);
+    }
+
+    pub fn serving_cert_rotation(&self, reason: &'static str) {
+        self.serving_cert_rotations.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn cert_check_failure(&self, reason: &'static str) {
+        self.cert_check_failures.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
     /// Reconciles run so far.
     pub fn reconciles(&self) -> u64 {
         self.reconciles.get()
@@ -147,6 +180,22 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         l4proxy::telemetry::encode(&self.registry)
+    }
+}
+
+/// A bounded label for a failed API call: the status code's meaning, or `transport`.
+pub fn api_reason(error: &kube::Error) -> &'static str {
+    match error {
+        kube::Error::Api(e) => match e.code {
+            403 => "forbidden",
+            404 => "not_found",
+            409 => "conflict",
+            422 => "invalid",
+            429 => "throttled",
+            500..=599 => "server_error",
+            _ => "api_error",
+        },
+        _ => "transport",
     }
 }
 
