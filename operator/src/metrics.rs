@@ -227,4 +227,16 @@ mod tests {
         assert!(text.contains("l4proxy_operator_reconcile_duration_seconds_count 1"), "{text}");
         assert_eq!(m.writes(), 1);
     }
+
+    #[test]
+    fn certificate_metrics_encode_expiry_rotations_and_failures() {
+        let m = Metrics::new();
+        m.set_serving_cert_expiry(1_900_000_000);
+        m.serving_cert_rotation("expiring");
+        m.cert_check_failure("unusable");
+        let text = m.encode();
+        assert!(text.contains("l4proxy_operator_serving_cert_expiry_timestamp_seconds 1900000000"), "{text}");
+        assert!(text.contains("l4proxy_operator_serving_cert_rotations_total{reason=\"expiring\"} 1"), "{text}");
+        assert!(text.contains("l4proxy_operator_cert_check_failures_total{reason=\"unusable\"} 1"), "{text}");
+    }
 }

@@ -12,7 +12,7 @@ use kube::{
     api::{DeleteParams, ObjectMeta, PostParams},
 };
 use l4proxy_operator::{
-    certs::{Ca, CertsConfig, CertsError, Certificates, ServingNames, ServingPolicy, service_dns_names},
+    certs::{Ca, Certificates, CertsConfig, CertsError, ServingNames, ServingPolicy, service_dns_names},
     metrics::Metrics,
 };
 use l4proxy_testenv::{ControlPlane, TestNamespace, wait_for};
@@ -204,7 +204,11 @@ async fn two_replicas_starting_at_once_end_with_one_ca() {
     // Each round in a fresh namespace: both replicas find no Secret.
     for round in 0..3 {
         let (client, ns) = setup(&format!("certs-race-{round}")).await;
-        let (a, b) = tokio::join!(Replica::start(&client, config(ns.name())), Replica::start(&client, config(ns.name())));
+        // Two clients, each already connected, as two replicas have: neither waits on the other.
+        let other = ControlPlane::shared().client().await;
+        other.apiserver_version().await.unwrap();
+        let (a, b) =
+            tokio::join!(Replica::start(&client, config(ns.name())), Replica::start(&other, config(ns.name())));
         let (a, b) = (a.expect("replica a starts"), b.expect("replica b starts"));
         assert_eq!(a.certs.ca_pem(), b.certs.ca_pem(), "round {round}");
         let data = stored(&secrets(&client, &ns)).await;
@@ -309,7 +313,14 @@ async fn an_unusable_secret_is_refused_naming_it_and_the_key_and_left_as_it_was(
     let cases = [
         (vec![("ca.crt", "garbage"), ("ca.key", "garbage")], "ca.crt"),
         (vec![("ca.crt", ca.pem().cert.as_str()), ("ca.key", other.pem().key.as_str())], "ca.key"),
-        (vec![("ca.crt", ca.pem().cert.as_str()), ("ca.key", ca.pem().key.as_str()), ("tls.crt", serving.cert.as_str())], "tls.key"),
+        (
+            vec![
+                ("ca.crt", ca.pem().cert.as_str()),
+                ("ca.key", ca.pem().key.as_str()),
+                ("tls.crt", serving.cert.as_str()),
+            ],
+            "tls.key",
+        ),
     ];
     for (data, key) in cases {
         let _ = secrets.delete("l4proxy-ca", &DeleteParams::default()).await;

@@ -22,7 +22,7 @@ pub enum CertsError {
     #[error("Secret {namespace}/{name}, key {key}: {problem}; {remedy}", name = layout::NAME, remedy = layout::remedy(key))]
     Unusable { namespace: String, key: &'static str, problem: String },
     /// Replicas kept replacing the Secret under each other; the next check tries again.
-    #[error("Secret {namespace}/{name} changed under every one of {attempts} writes in a row", name = layout::NAME)]
+    #[error("Secret {namespace}/{name} was still changing after {attempts} writes", name = layout::NAME)]
     Contended { namespace: String, attempts: usize },
     #[error("issuing a certificate: {0}")]
     Issue(#[from] rcgen::Error),
@@ -41,5 +41,27 @@ impl CertsError {
             Self::Issue(_) => "issue",
             Self::Tls(_) => "tls",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_labels_are_bounded_and_api_failures_use_the_status_code() {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({"code": 403})).unwrap();
+        let api = CertsError::Api {
+            action: "reading",
+            kind: "Secret",
+            namespace: "ns".into(),
+            source: kube::Error::Api(Box::new(status)),
+        };
+        assert_eq!(api.label(), "forbidden");
+        assert!(api.to_string().starts_with("reading Secret ns/l4proxy-ca: "), "{api}");
+        assert_eq!(CertsError::Config("x".into()).label(), "config");
+        assert_eq!(CertsError::Contended { namespace: "ns".into(), attempts: 8 }.label(), "conflict");
+        let unusable = CertsError::Unusable { namespace: "ns".into(), key: "tls.key", problem: "is bad".into() };
+        assert_eq!(unusable.label(), "unusable");
     }
 }

@@ -13,8 +13,9 @@
 //!
 //! Each pair is either absent (the operator makes it) or present and usable. Half a pair, or one
 //! that does not parse or whose key is not its certificate's, is an error naming the key: what
-//! the operator did not write itself it does not overwrite. Other keys, labels and annotations
-//! are kept when the operator writes.
+//! the operator did not write itself it does not overwrite. (A usable serving pair that the CA
+//! beside it did not sign is replaced: see `Rotation::Issuer`.) Other keys, labels and
+//! annotations are kept when the operator writes.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -48,13 +49,13 @@ const SERVING: Keys = Keys { cert: "tls.crt", key: "tls.key" };
 
 /// What the Secret holds, checked.
 #[derive(Debug, Default)]
-pub struct Contents {
-    pub ca: Option<Arc<Ca>>,
-    pub serving: Option<ServingCert>,
+pub(super) struct Contents {
+    pub(super) ca: Option<Arc<Ca>>,
+    pub(super) serving: Option<ServingCert>,
 }
 
 /// Reads the Secret's two pairs; see the module docs for what is refused.
-pub fn read(secret: &Secret, namespace: &str, provider: &CryptoProvider) -> Result<Contents, CertsError> {
+pub(super) fn read(secret: &Secret, namespace: &str, provider: &CryptoProvider) -> Result<Contents, CertsError> {
     let data = secret.data.as_ref();
     let ca = pair(data, namespace, &CA)?
         .map(|pem| Ca::from_pem(&pem).map_err(|e| unusable(namespace, &CA, e)))
@@ -104,21 +105,18 @@ fn unusable(namespace: &str, keys: &Keys, invalid: Invalid) -> CertsError {
 }
 
 /// What to do about an unusable key, for the error message.
-pub fn remedy(key: &str) -> String {
+pub(super) fn remedy(key: &str) -> String {
     if key.starts_with("ca.") {
         "the operator does not replace a CA that proxies may trust: repair the Secret, or delete it to have a new CA made"
             .into()
     } else {
-        format!(
-            "repair it, or remove {} and {} to have a new serving certificate issued",
-            SERVING.cert, SERVING.key
-        )
+        format!("repair it, or remove {} and {} to have a new serving certificate issued", SERVING.cert, SERVING.key)
     }
 }
 
 /// `base` (none: a new Secret) with both pairs set and the operator's label; everything else in
 /// it, its `resourceVersion` included, is kept, so a replace of it is a compare-and-swap.
-pub fn secret(base: Option<Secret>, namespace: &str, ca: &PemPair, serving: &PemPair) -> Secret {
+pub(super) fn secret(base: Option<Secret>, namespace: &str, ca: &PemPair, serving: &PemPair) -> Secret {
     let mut secret = base.unwrap_or_else(|| Secret {
         metadata: ObjectMeta { name: Some(NAME.into()), namespace: Some(namespace.into()), ..ObjectMeta::default() },
         type_: Some("Opaque".into()),
@@ -134,7 +132,7 @@ pub fn secret(base: Option<Secret>, namespace: &str, ca: &PemPair, serving: &Pem
 }
 
 /// The ConfigMap that publishes the CA certificate, for server-side apply.
-pub fn config_map(namespace: &str, ca_cert: &str) -> ConfigMap {
+pub(super) fn config_map(namespace: &str, ca_cert: &str) -> ConfigMap {
     ConfigMap {
         metadata: ObjectMeta {
             name: Some(NAME.into()),

@@ -30,7 +30,7 @@
 
 mod error;
 pub mod layout;
-pub mod pki;
+mod pki;
 mod store;
 mod tls;
 
@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::{
     error::CertsError,
-    pki::{Ca, PemPair, Rotation, ServingCert, ServingNames, ServingPolicy},
+    pki::{Ca, Half, Invalid, PemPair, Rotation, ServingCert, ServingNames, ServingPolicy},
 };
 use self::{
     layout::Contents,
@@ -57,8 +57,9 @@ use crate::metrics::Metrics;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
-/// Reads and writes of the Secret in one check before it gives up until the next: enough for
-/// every replica of a deployment to have raced once.
+/// Decisions on what the Secret holds (each but the last followed by a write) in one check
+/// before it gives up until the next: enough for every replica of a deployment to have raced
+/// once.
 const MAX_PASSES: usize = 8;
 
 /// Where the certificates live and how long they last.
@@ -88,6 +89,26 @@ impl CertsConfig {
             renew_before: serving_validity / 3,
             check_interval: Duration::from_secs(3600),
         }
+    }
+
+    /// The serving policy, once the settings are checked: none may let a certificate lapse.
+    fn policy(&self) -> Result<ServingPolicy, CertsError> {
+        let names = ServingNames::new(&self.dns_names)?;
+        let policy = ServingPolicy::new(names, self.serving_validity, self.renew_before)?;
+        if self.check_interval.is_zero() || self.check_interval >= self.renew_before {
+            // Otherwise a certificate could expire between two checks.
+            return Err(CertsError::Config(format!(
+                "check_interval ({:?}) must be above zero and shorter than renew_before ({:?})",
+                self.check_interval, self.renew_before
+            )));
+        }
+        if self.ca_validity <= self.serving_validity {
+            return Err(CertsError::Config(format!(
+                "ca_validity ({:?}) must be longer than serving_validity ({:?})",
+                self.ca_validity, self.serving_validity
+            )));
+        }
+        Ok(policy)
     }
 }
 
@@ -162,23 +183,8 @@ struct Keeper {
 }
 
 impl Keeper {
-    /// Checks the settings before anything is read.
     fn new(client: Client, config: CertsConfig, metrics: Arc<Metrics>) -> Result<Self, CertsError> {
-        let names = ServingNames::new(&config.dns_names)?;
-        let policy = ServingPolicy::new(names, config.serving_validity, config.renew_before)?;
-        if config.check_interval.is_zero() || config.check_interval >= config.renew_before {
-            // Otherwise a certificate could expire between two checks.
-            return Err(CertsError::Config(format!(
-                "check_interval ({:?}) must be above zero and shorter than renew_before ({:?})",
-                config.check_interval, config.renew_before
-            )));
-        }
-        if config.ca_validity <= config.serving_validity {
-            return Err(CertsError::Config(format!(
-                "ca_validity ({:?}) must be longer than serving_validity ({:?})",
-                config.ca_validity, config.serving_validity
-            )));
-        }
+        let policy = config.policy()?;
         Ok(Self {
             store: Store::new(client, &config.namespace),
             policy,
@@ -226,7 +232,7 @@ impl Keeper {
                     if let Some(rotation) = rotation {
                         self.metrics.serving_cert_rotation(rotation.label());
                     }
-                    Some(stored)
+                    Some(*stored)
                 }
                 Written::Raced => {
                     tracing::debug!(namespace, "Secret {} changed since it was read; reading it again", layout::NAME);
@@ -273,5 +279,32 @@ impl Keeper {
             "presenting the serving certificate from Secret {}",
             layout::NAME
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_usable_and_settings_that_could_let_a_certificate_lapse_are_refused() {
+        let defaults = || CertsConfig::new("ns", service_dns_names("op", "ns"));
+        assert!(defaults().policy().is_ok());
+        let refused = |change: fn(&mut CertsConfig), field: &str| {
+            let mut config = defaults();
+            change(&mut config);
+            let err = config.policy().unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        };
+        refused(|c| c.check_interval = c.renew_before, "check_interval");
+        refused(|c| c.check_interval = Duration::ZERO, "check_interval");
+        refused(|c| c.renew_before = c.serving_validity, "renew_before");
+        refused(|c| c.ca_validity = c.serving_validity, "ca_validity");
+        refused(|c| c.dns_names.push("not a name".into()), "\"not a name\"");
+    }
+
+    #[test]
+    fn a_service_is_named_as_the_cluster_resolves_it() {
+        assert_eq!(service_dns_names("op", "sys"), ["op", "op.sys", "op.sys.svc"]);
     }
 }

@@ -77,6 +77,18 @@ pub enum SubjectName {
     Ip(IpAddr),
 }
 
+impl SubjectName {
+    /// An IP address when it parses as one, else a DNS name.
+    fn parse(name: &str) -> Result<Self, CertsError> {
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return Ok(Self::Ip(ip));
+        }
+        dns_name(name)
+            .map(Self::Dns)
+            .map_err(|problem| CertsError::Config(format!("serving certificate name {name:?}: {problem}")))
+    }
+}
+
 /// The names a serving certificate is issued for: the configured ones (DNS names in lower case;
 /// a name that parses as an IP address is an IP address) and always 127.0.0.1, which is how a
 /// process beside the operator (a test's proxy, a port-forward) reaches it.
@@ -87,20 +99,9 @@ impl ServingNames {
     pub fn new<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Result<Self, CertsError> {
         let mut set = BTreeSet::from([SubjectName::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST))]);
         for name in names {
-            let name = name.as_ref();
-            let parsed = match name.parse::<IpAddr>() {
-                Ok(ip) => SubjectName::Ip(ip),
-                Err(_) => SubjectName::Dns(dns_name(name).map_err(|problem| {
-                    CertsError::Config(format!("serving certificate name {name:?}: {problem}"))
-                })?),
-            };
-            set.insert(parsed);
+            set.insert(SubjectName::parse(name.as_ref())?);
         }
         Ok(Self(set))
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &SubjectName> {
-        self.0.iter()
     }
 
     fn sans(&self) -> Result<Vec<SanType>, rcgen::Error> {
@@ -141,7 +142,9 @@ fn dns_name(name: &str) -> Result<String, &'static str> {
             && !label.ends_with('-')
     };
     if !labels.split('.').all(label_ok) {
-        return Err("is neither an IP address nor a DNS name (labels of letters, digits and inner '-', at most 63 each)");
+        return Err(
+            "is neither an IP address nor a DNS name (labels of letters, digits and inner '-', at most 63 each)",
+        );
     }
     Ok(name)
 }
@@ -166,7 +169,8 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, CA_NAME);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         set_validity(&mut params, validity, now)?;
         let cert = params.self_signed(&key)?;
         let pem = PemPair { cert: cert.pem(), key: key.serialize_pem() };
@@ -264,7 +268,8 @@ impl ServingCert {
 pub enum Rotation {
     /// The Secret has none.
     Missing,
-    /// Another CA signed it.
+    /// Another CA signed it (someone put a serving pair or a CA into the Secret on its own):
+    /// proxies trust only the CA beside it, so it is replaced rather than refused.
     Issuer,
     /// It is not valid for exactly the configured names.
     Names,
@@ -301,10 +306,6 @@ impl ServingPolicy {
             )));
         }
         Ok(Self { names, validity, renew_before })
-    }
-
-    pub fn renew_before(&self) -> Duration {
-        self.renew_before
     }
 
     /// Why `serving` (none: the Secret has none) must be replaced now, if it must.
@@ -376,7 +377,7 @@ fn from_unix(seconds: i64) -> SystemTime {
 }
 
 /// Seconds since the epoch, for the expiry gauge.
-pub fn unix_seconds(time: SystemTime) -> i64 {
+pub(super) fn unix_seconds(time: SystemTime) -> i64 {
     time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
@@ -404,7 +405,7 @@ mod tests {
 
     #[test]
     fn serving_names_always_include_loopback_and_normalise_case_and_addresses() {
-        let got: Vec<_> = names(&["L4Proxy.Example", "10.0.0.1", "127.0.0.1", "*.svc"]).iter().cloned().collect();
+        let got: Vec<_> = names(&["L4Proxy.Example", "10.0.0.1", "127.0.0.1", "*.svc"]).0.into_iter().collect();
         assert_eq!(
             got,
             [
@@ -414,7 +415,7 @@ mod tests {
                 SubjectName::Ip("127.0.0.1".parse().unwrap()),
             ]
         );
-        assert_eq!(names(&[]).iter().count(), 1);
+        assert_eq!(names(&[]).0.len(), 1);
     }
 
     #[test]

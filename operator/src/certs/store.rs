@@ -19,7 +19,7 @@ pub(super) struct Store {
 /// What a write of the Secret came to.
 pub(super) enum Written {
     /// The Secret as stored.
-    Stored(Secret),
+    Stored(Box<Secret>),
     /// Another writer got there first (the Secret was created, replaced or deleted since it was
     /// read): read it again and decide on what it holds now.
     Raced,
@@ -51,7 +51,7 @@ impl Store {
             Some(_) => self.secrets.replace(layout::NAME, &params, secret).await,
         };
         match result {
-            Ok(stored) => Ok(Written::Stored(stored)),
+            Ok(stored) => Ok(Written::Stored(Box::new(stored))),
             Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => Ok(Written::Raced),
             Err(e) => Err(self.api_error("writing", "Secret", e)),
         }
