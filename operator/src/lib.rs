@@ -5,6 +5,8 @@
 
 /// The `L4Proxy` resource, its CRD, and the labels the operator sets and reads.
 pub mod api;
+/// The CA and the serving certificate in Secret `l4proxy-ca`, rotated without a restart.
+pub mod certs;
 /// The config service: proxies subscribe over gRPC, get their config pushed, report back.
 pub mod config;
 /// Lease-based leader election gating writes.

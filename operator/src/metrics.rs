@@ -66,6 +66,9 @@ pub struct Metrics {
     refused: Family<ReasonLabels, Counter>,
     push_latency: Histogram,
     token_reviews: Family<ResultLabels, Counter>,
+    serving_cert_expiry: Gauge,
+    serving_cert_rotations: Family<ReasonLabels, Counter>,
+    cert_check_failures: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -95,6 +98,9 @@ impl Metrics {
             // 1 ms .. ~33 s
             push_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             token_reviews: Family::default(),
+            serving_cert_expiry: Gauge::default(),
+            serving_cert_rotations: Family::default(),
+            cert_check_failures: Family::default(),
         };
         let r = &mut m.registry;
         r.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -124,6 +130,21 @@ impl Metrics {
             m.push_latency.clone(),
         );
         r.register("token_reviews", "TokenReview calls, by result", m.token_reviews.clone());
+        r.register(
+            "serving_cert_expiry_timestamp_seconds",
+            "When the serving certificate this replica presents expires (unix seconds)",
+            m.serving_cert_expiry.clone(),
+        );
+        r.register(
+            "serving_cert_rotations",
+            "Serving certificates this replica issued and stored, by reason (missing, issuer, names, expiring)",
+            m.serving_cert_rotations.clone(),
+        );
+        r.register(
+            "cert_check_failures",
+            "Checks of Secret l4proxy-ca that failed, by reason (the current certificates stay in use)",
+            m.cert_check_failures.clone(),
+        );
         m
     }
 
@@ -192,6 +213,18 @@ impl Metrics {
         self.configs.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
+    pub fn set_serving_cert_expiry(&self, unix_seconds: i64) {
+        self.serving_cert_expiry.set(unix_seconds);
+    }
+
+    pub fn serving_cert_rotation(&self, reason: &'static str) {
+        self.serving_cert_rotations.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn cert_check_failure(&self, reason: &'static str) {
+        self.cert_check_failures.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
     /// Reconciles run so far.
     pub fn reconciles(&self) -> u64 {
         self.reconciles.get()
@@ -207,6 +240,22 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         l4proxy::telemetry::encode(&self.registry)
+    }
+}
+
+/// A bounded label for a failed API call: the status code's meaning, or `transport`.
+pub fn api_reason(error: &kube::Error) -> &'static str {
+    match error {
+        kube::Error::Api(e) => match e.code {
+            403 => "forbidden",
+            404 => "not_found",
+            409 => "conflict",
+            422 => "invalid",
+            429 => "throttled",
+            500..=599 => "server_error",
+            _ => "api_error",
+        },
+        _ => "transport",
     }
 }
 
@@ -237,5 +286,17 @@ mod tests {
         assert!(text.contains("l4proxy_operator_writes_total{kind=\"status\"} 1"), "{text}");
         assert!(text.contains("l4proxy_operator_reconcile_duration_seconds_count 1"), "{text}");
         assert_eq!(m.writes(), 1);
+    }
+
+    #[test]
+    fn certificate_metrics_encode_expiry_rotations_and_failures() {
+        let m = Metrics::new();
+        m.set_serving_cert_expiry(1_900_000_000);
+        m.serving_cert_rotation("expiring");
+        m.cert_check_failure("unusable");
+        let text = m.encode();
+        assert!(text.contains("l4proxy_operator_serving_cert_expiry_timestamp_seconds 1900000000"), "{text}");
+        assert!(text.contains("l4proxy_operator_serving_cert_rotations_total{reason=\"expiring\"} 1"), "{text}");
+        assert!(text.contains("l4proxy_operator_cert_check_failures_total{reason=\"unusable\"} 1"), "{text}");
     }
 }

@@ -1,6 +1,7 @@
 //! The labels the operator sets on its objects and reads on others'.
 
-/// On every gateway object the operator applies; the watches of its own objects select on it.
+/// On every gateway object the operator applies (the watches of its own objects select on it)
+/// and on Secret and ConfigMap `l4proxy-ca`.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "l4proxy-operator");
 
 /// `MANAGED_BY` as a label selector.

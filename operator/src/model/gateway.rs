@@ -170,6 +170,7 @@ fn token_volume() -> Volume {
                     audience: Some(l4proxy::control::TOKEN_AUDIENCE.into()),
                     expiration_seconds: Some(TOKEN_EXPIRY_SECONDS),
                     path: TOKEN_FILE.into(),
+                    ..Default::default()
                 }),
                 ..Default::default()
             }]),

@@ -14,18 +14,7 @@ impl Error {
     /// A bounded label for `reconcile_failures_total{reason}`.
     pub fn label(&self) -> &'static str {
         let Self::Api { source, .. } = self;
-        match source {
-            kube::Error::Api(e) => match e.code {
-                403 => "forbidden",
-                404 => "not_found",
-                409 => "conflict",
-                422 => "invalid",
-                429 => "throttled",
-                500..=599 => "server_error",
-                _ => "api_error",
-            },
-            _ => "transport",
-        }
+        crate::metrics::api_reason(source)
     }
 }
 

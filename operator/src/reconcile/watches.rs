@@ -17,7 +17,7 @@ use kube::{
     core::PartialObjectMeta,
     runtime::{
         Controller, WatchStreamExt, predicates,
-        reflector::{self, ObjectRef, Store, store::Writer},
+        reflector::{ObjectRef, Store, store::Writer},
         watcher,
     },
 };
