@@ -76,11 +76,15 @@ async fn token(client: &Client, namespace: &str, account: &str, audience: &str) 
         Err(e) => panic!("creating ServiceAccount {account}: {e}"),
     }
     let request = TokenRequest {
-        spec: TokenRequestSpec { audiences: vec![audience.into()], expiration_seconds: Some(3600), ..Default::default() },
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.into()]),
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let issued = accounts.create_token_request(account, &PostParams::default(), &request).await.expect("a token");
-    issued.status.expect("a token in the answer").token
+    issued.status.and_then(|s| s.token).expect("a token in the answer")
 }
 
 /// Everything one test needs: a namespace, a leading operator serving proxies, its CA on disk.
@@ -190,9 +194,6 @@ impl Proxy {
         (status == 200).then(|| serde_json::from_str(&body).ok()).flatten()
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
 }
 
 impl Drop for Proxy {
