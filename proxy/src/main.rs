@@ -120,7 +120,7 @@ enum Source {
     /// A file (watched, reloaded on SIGHUP), or the embedded quickstart.
     File { config: Config, file: Option<ConfigFile> },
     /// A control plane; until its first push, the bootstrap config or only the admin server.
-    ControlPlane { config: Config, bootstrapped: bool, settings: Box<control::Settings> },
+    ControlPlane { bootstrap: Option<Config>, settings: Box<control::Settings> },
 }
 
 /// Checks the flags, then loads the file (with `--control-plane`, the optional bootstrap,
@@ -142,10 +142,7 @@ async fn source(path: Option<&Path>, flags: control::Flags) -> Result<Source, Ex
         Some(path) => Some(load(Some(path)).await?.0),
         None => None,
     };
-    let bootstrapped = bootstrap.is_some();
-    let mut config = bootstrap.unwrap_or(Config { admin: None, listeners: Vec::new() });
-    config.admin = config.admin.or(Some(settings.admin));
-    Ok(Source::ControlPlane { config, bootstrapped, settings: Box::new(settings) })
+    Ok(Source::ControlPlane { bootstrap, settings: Box::new(settings) })
 }
 
 /// Loads the given file, or the embedded quickstart. A bad config is reported and mapped to 64.
@@ -210,12 +207,15 @@ async fn run(source: Source, drain: Duration, watch_interval: Duration) -> anyho
             };
             (proxy, reload, None)
         }
-        Source::ControlPlane { config, bootstrapped, settings } => {
-            let resource = settings.resource.to_string();
-            let status = Arc::new(control::Status::new(&metrics, &settings.url, &resource, bootstrapped));
-            let proxy = Proxy::start_controlled(config, metrics, status.clone()).await.context("starting listeners")?;
-            tracing::info!(control_plane = %settings.url, %resource, identity = %settings.identity, bootstrapped, "following the control plane");
-            let client = tokio::spawn(control::Client::new(*settings, proxy.clone(), status).run());
+        Source::ControlPlane { bootstrap, settings } => {
+            tracing::info!(
+                control_plane = %settings.url,
+                resource = %settings.resource,
+                identity = %settings.identity,
+                bootstrap = bootstrap.is_some(),
+                "following the control plane"
+            );
+            let (proxy, client) = control::start(*settings, bootstrap, metrics).await.context("starting listeners")?;
             (proxy, Err("the control plane pushes the config"), Some(client))
         }
     };

@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 use tonic::{Code, Request};
 
 use super::{
@@ -19,7 +19,12 @@ use super::{
     token::{self, TokenError},
     update,
 };
-use crate::{Proxy, config::ConfigDuration};
+use crate::{
+    Proxy,
+    config::{Config, ConfigDuration},
+    metrics::Metrics,
+    server::ApplyError,
+};
 
 /// How long opening a stream may take: TCP, TLS and the operator's answer together.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -67,21 +72,31 @@ impl Failure {
     }
 }
 
+/// Starts a proxy that follows its control plane: it serves `bootstrap` at once (or only its
+/// admin server: not ready until the first push), then every version pushed. The task returned
+/// is the client; abort it to stop following (the proxy serves on).
+pub async fn start(
+    settings: Settings,
+    bootstrap: Option<Config>,
+    metrics: Arc<Metrics>,
+) -> Result<(Arc<Proxy>, JoinHandle<()>), ApplyError> {
+    let status = Arc::new(Status::new(&metrics, &settings.url, &settings.resource.to_string(), bootstrap.is_some()));
+    let config = settings.first_config(bootstrap);
+    let proxy = Proxy::start_controlled(config, metrics, status.clone()).await?;
+    let client = Client { settings, proxy: proxy.clone(), status };
+    Ok((proxy, tokio::spawn(client.run())))
+}
+
 /// Follows one control plane for one proxy.
-pub struct Client {
+struct Client {
     settings: Settings,
     proxy: Arc<Proxy>,
     status: Arc<Status>,
 }
 
 impl Client {
-    /// `status` is the one the proxy was started with ([`Proxy::start_controlled`]).
-    pub fn new(settings: Settings, proxy: Arc<Proxy>, status: Arc<Status>) -> Self {
-        Self { settings, proxy, status }
-    }
-
-    /// Runs until dropped (at shutdown, the task running it is aborted).
-    pub async fn run(self) {
+    /// Runs until its task is aborted.
+    async fn run(self) {
         let mut retries = self.settings.backoff.retries();
         loop {
             match self.session(&mut retries).await {

@@ -21,7 +21,7 @@ mod token;
 mod update;
 
 pub use backoff::Backoff;
-pub use client::Client;
+pub use client::start;
 pub use options::{Flags, Resource, Settings};
 pub use status::{ControlPlaneStats, State, Status};
 

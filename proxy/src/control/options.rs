@@ -11,7 +11,7 @@ use rustls::{
 use tonic::transport::{ClientTlsConfig, Endpoint, Uri};
 
 use super::{Backoff, token};
-use crate::config::{ConfigDuration, ConfigError};
+use crate::config::{Config, ConfigDuration, ConfigError};
 
 /// TCP connect, and then the TLS handshake, to the config service.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -158,6 +158,17 @@ impl Flags {
             admin,
             backoff: Backoff::default(),
         }))
+    }
+}
+
+impl Settings {
+    /// What serves until the first push: the bootstrap config, with its admin server at
+    /// `admin` unless it names an address, or, without a bootstrap, only the admin server.
+    /// Pushed versions keep this admin address (they carry listeners only).
+    pub fn first_config(&self, bootstrap: Option<Config>) -> Config {
+        let mut config = bootstrap.unwrap_or(Config { admin: None, listeners: Vec::new() });
+        config.admin = config.admin.or(Some(self.admin));
+        config
     }
 }
 

@@ -58,7 +58,7 @@ struct Inner {
 }
 
 impl Status {
-    pub fn new(metrics: &Metrics, address: &str, resource: &str, bootstrapped: bool) -> Self {
+    pub(crate) fn new(metrics: &Metrics, address: &str, resource: &str, bootstrapped: bool) -> Self {
         let stats = ControlPlaneStats {
             address: address.to_owned(),
             resource: resource.to_owned(),

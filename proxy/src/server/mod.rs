@@ -127,7 +127,7 @@ impl Proxy {
 
     /// Like [`Self::start`], for a proxy whose config a control plane pushes (`config` is the
     /// bootstrap, or only the admin server): ready once `control` says a config serves.
-    pub async fn start_controlled(
+    pub(crate) async fn start_controlled(
         config: Config,
         metrics: Arc<Metrics>,
         control: Arc<control::Status>,
