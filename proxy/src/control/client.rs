@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures::StreamExt as _;
+use futures::{Stream, StreamExt as _};
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 use tonic::{Code, Request};
 
@@ -114,12 +114,7 @@ impl Client {
     async fn session(&self, retries: &mut Retries) -> Result<(), Failure> {
         let token = token::bearer(&self.settings.token_file).await.map_err(Failure::Token)?;
         let (outbound, queued) = mpsc::channel(OUTBOUND_QUEUE);
-        let messages =
-            futures::stream::once(std::future::ready(self.hello()))
-                .chain(futures::stream::unfold(queued, |mut queued| async move {
-                    queued.recv().await.map(|m| (m, queued))
-                }));
-        let mut request = Request::new(messages);
+        let mut request = Request::new(outgoing(self.hello(), queued));
         request.metadata_mut().insert("authorization", token);
         let open = async {
             let channel = self.settings.endpoint.connect().await.map_err(Failure::Connect)?;
@@ -171,4 +166,11 @@ impl Client {
             })),
         }
     }
+}
+
+/// What the proxy sends on a stream: the Hello, then whatever the loop queues, until the
+/// queue's sender is dropped with the session.
+fn outgoing(hello: ProxyMessage, queued: mpsc::Receiver<ProxyMessage>) -> impl Stream<Item = ProxyMessage> {
+    let rest = futures::stream::unfold(queued, |mut queued| async move { queued.recv().await.map(|m| (m, queued)) });
+    futures::stream::once(std::future::ready(hello)).chain(rest)
 }

@@ -125,7 +125,7 @@ impl Status {
             if was == State::Connected {
                 tracing::warn!(control_plane = %address, reason = label, %error, "control plane stream ended; serving the last config, reconnecting with backoff");
             } else {
-                tracing::warn!(control_plane = %address, reason = label, %error, "cannot reach the control plane; serving the last config, retrying with backoff");
+                tracing::warn!(control_plane = %address, reason = label, %error, "cannot reach the control plane; retrying with backoff");
             }
         } else {
             tracing::debug!(reason = label, %error, "control plane still unreachable");
