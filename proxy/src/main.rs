@@ -1,5 +1,6 @@
-//! The `l4proxy` binary: `run` serves a config file (or the embedded quickstart), `check`
-//! validates one. A bad config exits with code 64 before anything is bound.
+//! The `l4proxy` binary: `run` serves a config file (or the embedded quickstart), or what a
+//! control plane pushes (`--control-plane`); `check` validates a file. A bad config or flag
+//! exits with code 64 before anything is bound.
 
 use std::{
     path::{Path, PathBuf},
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 use l4proxy::{
     Proxy,
     config::{self, Config, ConfigDuration},
+    control,
     metrics::Metrics,
     telemetry::{self, LogFormat},
 };
@@ -42,17 +44,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve. Reloads the config on SIGHUP and when the file changes; drains on SIGTERM/SIGINT.
+    /// Serve. From a file: reloads it on SIGHUP and when it changes. From a control plane
+    /// (--control-plane): applies every pushed version; the --config file, if given, is a
+    /// bootstrap served until then and is not watched. Drains on SIGTERM/SIGINT.
     Run {
-        /// Config file (YAML). Without it, the embedded quickstart config is served.
+        /// Config file (YAML). Without it, the embedded quickstart config is served (with
+        /// --control-plane: no listeners until the first push).
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// On SIGTERM/SIGINT, how long open connections may finish before they are cut.
         #[arg(long, default_value = "30s")]
         drain_timeout: ConfigDuration,
-        /// How often the config file is checked for changes.
+        /// How often the config file is checked for changes (not with --control-plane).
         #[arg(long, default_value = "2s")]
         watch_interval: ConfigDuration,
+        #[command(flatten)]
+        control: control::Flags,
     },
     /// Validate a config file: exit 0 if it is good, 64 with the field path if not.
     Check {
@@ -78,12 +85,12 @@ fn main() -> ExitCode {
     let code = runtime.block_on(async {
         match cli.command {
             Command::Check { config } => check(&config).await,
-            Command::Run { config, drain_timeout, watch_interval } => {
-                let (config, file) = match load(config.as_deref()).await {
-                    Ok(loaded) => loaded,
+            Command::Run { config, drain_timeout, watch_interval, control } => {
+                let source = match source(config.as_deref(), control).await {
+                    Ok(source) => source,
                     Err(code) => return code,
                 };
-                report(run(config, file, drain_timeout.get(), watch_interval.get()).await)
+                report(run(source, drain_timeout.get(), watch_interval.get()).await)
             }
         }
     });
@@ -106,6 +113,36 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 struct ConfigFile {
     path: PathBuf,
     text: String,
+}
+
+/// Where the config comes from, checked: nothing is bound yet.
+enum Source {
+    /// A file (watched, reloaded on SIGHUP), or the embedded quickstart.
+    File { config: Config, file: Option<ConfigFile> },
+    /// A control plane; until its first push, the bootstrap config or only the admin server.
+    ControlPlane { bootstrap: Option<Config>, settings: Box<control::Settings> },
+}
+
+/// Checks the flags, then loads the file (with `--control-plane`, the optional bootstrap,
+/// whose admin address wins over `--admin-address`). Bad flags or config: exit 64.
+async fn source(path: Option<&Path>, flags: control::Flags) -> Result<Source, ExitCode> {
+    let settings = match flags.check().await {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("l4proxy: invalid flag {error}");
+            tracing::error!(%error, "invalid flag");
+            return Err(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+    };
+    let Some(settings) = settings else {
+        let (config, file) = load(path).await?;
+        return Ok(Source::File { config, file });
+    };
+    let bootstrap = match path {
+        Some(path) => Some(load(Some(path)).await?.0),
+        None => None,
+    };
+    Ok(Source::ControlPlane { bootstrap, settings: Box::new(settings) })
 }
 
 /// Loads the given file, or the embedded quickstart. A bad config is reported and mapped to 64.
@@ -140,12 +177,7 @@ async fn check(path: &Path) -> ExitCode {
     }
 }
 
-async fn run(
-    config: Config,
-    file: Option<ConfigFile>,
-    drain: Duration,
-    watch_interval: Duration,
-) -> anyhow::Result<()> {
+async fn run(source: Source, drain: Duration, watch_interval: Duration) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -156,27 +188,52 @@ async fn run(
         Ok(limit) => tracing::info!(limit, "open-file limit"),
         Err(error) => tracing::warn!(%error, "could not raise the open-file limit"),
     }
-    let proxy = Proxy::start(config, Arc::new(Metrics::new())).await.context("starting listeners")?;
+    let metrics = Arc::new(Metrics::new());
+    // What SIGHUP does: ask for a reload of the file, or nothing, and why.
+    let (proxy, reload, client) = match source {
+        Source::File { config, file } => {
+            let proxy = Proxy::start(config, metrics).await.context("starting listeners")?;
+            let reload = match file {
+                Some(file) => {
+                    // Reloads run on their own task, so that a slow one never delays a signal:
+                    // the loop below only asks for them (several asks while one runs make one
+                    // more reload, not a queue).
+                    let reload = Arc::new(Notify::new());
+                    tokio::spawn(reload_on_request(proxy.clone(), file.path.clone(), reload.clone()));
+                    tokio::spawn(watch_file(file, watch_interval, reload.clone()));
+                    Ok(reload)
+                }
+                None => Err("serving the embedded config, there is no file to reload"),
+            };
+            (proxy, reload, None)
+        }
+        Source::ControlPlane { bootstrap, settings } => {
+            tracing::info!(
+                control_plane = %settings.url,
+                resource = %settings.resource,
+                identity = %settings.identity,
+                bootstrap = bootstrap.is_some(),
+                "following the control plane"
+            );
+            let (proxy, client) = control::start(*settings, bootstrap, metrics).await.context("starting listeners")?;
+            (proxy, Err("the control plane pushes the config"), Some(client))
+        }
+    };
     tracing::info!(listeners = proxy.config().listeners.len(), "l4proxy started");
 
-    // Reloads run on their own task, so that a slow one never delays a signal: the loop below
-    // only asks for them (several asks while one runs make one more reload, not a queue).
-    let reload = Arc::new(Notify::new());
-    let reloadable = file.is_some();
-    if let Some(file) = file {
-        tokio::spawn(reload_on_request(proxy.clone(), file.path.clone(), reload.clone()));
-        tokio::spawn(watch_file(file, watch_interval, reload.clone()));
-    }
     loop {
         tokio::select! {
             _ = terminate.recv() => { tracing::info!(signal = "SIGTERM", "shutdown requested"); break; }
             _ = interrupt.recv() => { tracing::info!(signal = "SIGINT", "shutdown requested"); break; }
-            _ = hangup.recv() => if reloadable {
-                reload.notify_one();
-            } else {
-                tracing::warn!("SIGHUP ignored: serving the embedded config, there is no file to reload");
+            _ = hangup.recv() => match &reload {
+                Ok(reload) => reload.notify_one(),
+                Err(why) => tracing::warn!("SIGHUP ignored: {why}"),
             },
         }
+    }
+    // No push may start a reload during the drain.
+    if let Some(client) = client {
+        client.abort();
     }
     proxy.shutdown(drain).await;
     Ok(())

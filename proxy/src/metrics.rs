@@ -81,6 +81,8 @@ pub struct Metrics {
     backend_ejections: Family<BackendLabels, Counter>,
     backend_resolve_failures: Family<BackendLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
+    control_plane_connected: Gauge,
+    config_updates: Family<ResultLabels, Counter>,
     listener_failures: Family<ListenerLabels, Counter>,
     receive_drops: Family<ListenerLabels, Counter>,
 }
@@ -115,6 +117,8 @@ impl Metrics {
             backend_ejections: Family::default(),
             backend_resolve_failures: Family::default(),
             reloads: Family::default(),
+            control_plane_connected: Gauge::default(),
+            config_updates: Family::default(),
             listener_failures: Family::default(),
             receive_drops: Family::default(),
         };
@@ -155,6 +159,16 @@ impl Metrics {
             m.backend_resolve_failures.clone(),
         );
         r.register("config_reloads", "Config reloads, by result", m.reloads.clone());
+        r.register(
+            "control_plane_connected",
+            "1 while a stream to the control plane is open (always 0 without --control-plane)",
+            m.control_plane_connected.clone(),
+        );
+        r.register(
+            "config_updates",
+            "Configs pushed by the control plane, by result (applied, rejected)",
+            m.config_updates.clone(),
+        );
         r.register(
             "udp_receive_drops",
             "Datagrams the kernel dropped before the proxy read them (receive buffer full), per UDP listener",
@@ -216,6 +230,16 @@ impl Metrics {
     pub fn reload(&self, succeeded: bool) {
         let result = if succeeded { "success" } else { "failure" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Handles for the control-plane client.
+    pub fn control_plane(&self) -> ControlPlaneMetrics {
+        let result = |result| handle(&self.config_updates, &ResultLabels { result });
+        ControlPlaneMetrics {
+            connected: self.control_plane_connected.clone(),
+            updates_applied: result("applied"),
+            updates_rejected: result("rejected"),
+        }
     }
 
     /// Counts a listener going down.
@@ -331,6 +355,14 @@ impl Drop for Open {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// The control-plane client's metric handles.
+#[derive(Clone)]
+pub struct ControlPlaneMetrics {
+    pub connected: Gauge,
+    pub updates_applied: Counter,
+    pub updates_rejected: Counter,
 }
 
 /// One backend's metric handles.

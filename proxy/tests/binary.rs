@@ -91,13 +91,6 @@ impl Drop for Running {
     }
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("l4proxy-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("config.yaml");
     // Write then rename, so the file watcher never reads half a file.

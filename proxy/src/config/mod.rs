@@ -66,13 +66,28 @@ pub fn parse_yaml(text: &str) -> Result<ProxyConfig, ConfigError> {
         ));
     }
     let deserializer = serde_yaml_ng::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let path = match e.path().to_string() {
-            p if p == "." || p.is_empty() => "config".to_owned(),
-            p => p,
-        };
-        ConfigError::invalid(path, e.into_inner().to_string())
-    })
+    serde_path_to_error::deserialize(deserializer).map_err(|e| at_path(e, "config", ""))
+}
+
+/// Parses a JSON array of listeners (what a control plane pushes: the same schema as a file's
+/// `listeners`); unknown fields are errors, and errors name the field path
+/// (`listeners[0].limits.maxConnections`). JSON nesting is bounded by the parser (128 levels)
+/// and parsing it is linear, so no pre-scan is needed.
+pub fn parse_listeners_json(json: &[u8]) -> Result<Vec<Listener>, ConfigError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(json);
+    let listeners =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|e| at_path(e, "listeners", "listeners"))?;
+    deserializer.end().map_err(|e| ConfigError::invalid("listeners", e.to_string()))?;
+    Ok(listeners)
+}
+
+/// A parse error at its field path: `prefix` and the path, or `root` for the document itself.
+fn at_path<E: std::fmt::Display>(error: serde_path_to_error::Error<E>, root: &str, prefix: &str) -> ConfigError {
+    let path = match error.path().to_string() {
+        p if p == "." || p.is_empty() => root.to_owned(),
+        p => format!("{prefix}{p}"),
+    };
+    ConfigError::invalid(path, error.into_inner().to_string())
 }
 
 /// Reads, parses, checks and resolves a config file.
@@ -168,6 +183,24 @@ mod tests {
         .to_string();
         assert!(err.starts_with("listeners[0].limits.idleTimeout:"), "{err}");
         assert!(err.contains("\"soon\""), "{err}");
+    }
+
+    #[test]
+    fn pushed_listeners_with_a_typo_are_an_error_naming_the_field_path() {
+        let json = br#"[{"name": "web", "address": "127.0.0.1:1", "backends": [], "limits": {"maxConection": 5}}]"#;
+        let err = parse_listeners_json(json).unwrap_err().to_string();
+        assert!(err.starts_with("listeners[0].limits.maxConection:"), "{err}");
+        assert!(err.contains("unknown field `maxConection`"), "{err}");
+    }
+
+    #[test]
+    fn pushed_listeners_that_are_not_a_json_array_are_an_error_at_listeners() {
+        for bad in [&b"{}"[..], b"[] []", b"", b"[{\"name\": "] {
+            let err = parse_listeners_json(bad).unwrap_err().to_string();
+            assert!(err.starts_with("listeners"), "{err}");
+        }
+        let listeners = parse_listeners_json(br#"[{"name": "web", "address": "127.0.0.1:1", "backends": []}]"#);
+        assert_eq!(listeners.unwrap()[0].name, "web");
     }
 
     #[test]

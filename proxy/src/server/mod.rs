@@ -27,6 +27,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin,
     config::{self, Config, ConfigError},
+    control,
     metrics::Metrics,
 };
 use bind::BindError;
@@ -112,12 +113,33 @@ pub struct Proxy {
     /// Cancelled when shutdown begins: stops background work (re-resolution).
     stopping: CancellationToken,
     draining: AtomicBool,
+    /// Set when a control plane pushes the config: `/readyz` waits for a config to serve and
+    /// `/stats` shows the stream's state.
+    control: Option<Arc<control::Status>>,
 }
 
 impl Proxy {
     /// Binds every listener (and the admin server) of `config` and starts serving. On error
     /// nothing stays bound.
     pub async fn start(config: Config, metrics: Arc<Metrics>) -> Result<Arc<Self>, ApplyError> {
+        Self::start_with(config, metrics, None).await
+    }
+
+    /// Like [`Self::start`], for a proxy whose config a control plane pushes (`config` is the
+    /// bootstrap, or only the admin server): ready once `control` says a config serves.
+    pub(crate) async fn start_controlled(
+        config: Config,
+        metrics: Arc<Metrics>,
+        control: Arc<control::Status>,
+    ) -> Result<Arc<Self>, ApplyError> {
+        Self::start_with(config, metrics, Some(control)).await
+    }
+
+    async fn start_with(
+        config: Config,
+        metrics: Arc<Metrics>,
+        control: Option<Arc<control::Status>>,
+    ) -> Result<Arc<Self>, ApplyError> {
         let proxy = Arc::new(Self {
             metrics,
             state: Mutex::new(State::default()),
@@ -126,6 +148,7 @@ impl Proxy {
             cut: CancellationToken::new(),
             stopping: CancellationToken::new(),
             draining: AtomicBool::new(false),
+            control,
         });
         proxy.apply(config)?;
         tokio::spawn(proxy.clone().re_resolve_periodically());
@@ -141,11 +164,14 @@ impl Proxy {
         self.config.load_full()
     }
 
-    /// `Ok` while every listener is accepting; otherwise why not (shutting down, or the
-    /// listeners that are down and why).
+    /// `Ok` while every listener is accepting; otherwise why not (shutting down, no config
+    /// from the control plane yet, or the listeners that are down and why).
     pub fn readiness(&self) -> Result<(), String> {
         if self.draining.load(Ordering::Acquire) {
             return Err("shutting down".into());
+        }
+        if self.control.as_ref().is_some_and(|c| !c.configured()) {
+            return Err("waiting for the first config from the control plane".into());
         }
         let state = self.lock_state();
         let down: Vec<String> = state
@@ -245,28 +271,38 @@ impl Proxy {
         Ok(())
     }
 
+    /// Applies `config` unless it is the one in force (re-applying would rebuild every
+    /// listener's settings: backend health and ejections would start over). True if it was
+    /// applied.
+    pub fn apply_if_changed(self: &Arc<Self>, config: Config) -> Result<bool, ApplyError> {
+        if config == **self.config.load() {
+            return Ok(false);
+        }
+        self.apply(config).map(|()| true)
+    }
+
     /// Loads `path` and applies it. A bad file or a failed bind changes nothing; either way
     /// the attempt is counted and logged.
     pub async fn reload_from(self: &Arc<Self>, path: &Path) -> Result<(), ApplyError> {
         tracing::info!(path = %path.display(), "reloading the config");
         let result = match config::load(path).await {
-            Ok(config) if config == **self.config.load() => {
+            Ok(config) => self.apply_if_changed(config),
+            Err(e) => Err(e.into()),
+        };
+        match &result {
+            Ok(false) => {
                 tracing::debug!(path = %path.display(), "config unchanged");
                 return Ok(());
             }
-            Ok(config) => self.apply(config),
-            Err(e) => Err(e.into()),
-        };
-        self.metrics.reload(result.is_ok());
-        match &result {
-            Ok(()) => {
+            Ok(true) => {
                 tracing::info!(path = %path.display(), listeners = self.config.load().listeners.len(), "config reloaded")
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, reason = e.label(), "config reload rejected; the previous config stays in force")
             }
         }
-        result
+        self.metrics.reload(result.is_ok());
+        result.map(drop)
     }
 
     fn spawn_admin(self: &Arc<Self>, address: SocketAddr, socket: TcpListener) -> RunningAdmin {

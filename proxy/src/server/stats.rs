@@ -8,6 +8,7 @@ use super::Proxy;
 use crate::{
     config::Protocol,
     connection::{CloseReason, PoolStats},
+    control::ControlPlaneStats,
 };
 
 impl Proxy {
@@ -59,7 +60,12 @@ impl Proxy {
             })
             .collect();
         drop(state);
-        Stats { ready: self.is_ready(), open_connections: self.connections.len(), listeners }
+        Stats {
+            ready: self.is_ready(),
+            open_connections: self.connections.len(),
+            control_plane: self.control.as_ref().map(|c| c.stats()),
+            listeners,
+        }
     }
 }
 
@@ -69,6 +75,9 @@ impl Proxy {
 pub struct Stats {
     pub ready: bool,
     pub open_connections: usize,
+    /// With `--control-plane`: the stream's state, the version in force, the last rejection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<ControlPlaneStats>,
     pub listeners: Vec<ListenerStats>,
 }
 

@@ -40,6 +40,14 @@ pub async fn wait_until_async<F: Future<Output = bool>>(what: &str, mut conditio
     }
 }
 
+/// A fresh, empty directory for one test's files.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("l4proxy-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// Parses, checks and resolves a YAML config.
 pub async fn config(yaml: &str) -> config::Config {
     let file = config::parse_yaml(yaml).unwrap_or_else(|e| panic!("test config: {e}\n{yaml}"));
