@@ -9,7 +9,9 @@ use l4proxy::{
     config::ConfigDuration,
     telemetry::{self, LogFormat},
 };
-use l4proxy_operator::{ConfigServiceConfig, OperatorConfig, api::crd::crd_yaml, certs, lease::LeaseConfig, reconcile::Options};
+use l4proxy_operator::{
+    ConfigServiceConfig, OperatorConfig, api::crd::crd_yaml, certs, lease::LeaseConfig, reconcile::Options,
+};
 
 /// The operator's Service in the chart: the names proxies and gateway pods reach it by.
 const SERVICE_NAME: &str = "l4proxy-operator";

@@ -4,11 +4,11 @@
 
 use std::{
     net::SocketAddr,
-    time::Duration,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use futures::StreamExt;
@@ -24,17 +24,20 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     certs::{Certificates, CertsConfig, CertsError},
     config::{self, Registry},
-    model::gateway::GatewayControl,
     lease::{Elector, Leadership, LeaseConfig},
     metrics::Metrics,
     model::configs::ConfigStore,
+    model::gateway::GatewayControl,
     reconcile::{
         self, Cache, Context, Options,
         proxies::{self, ProxyStatus, REPORT_LABEL},
     },
 };
 
-async fn bind(what: &'static str, address: Option<SocketAddr>) -> Result<(Option<TcpListener>, Option<SocketAddr>), StartError> {
+async fn bind(
+    what: &'static str,
+    address: Option<SocketAddr>,
+) -> Result<(Option<TcpListener>, Option<SocketAddr>), StartError> {
     let Some(address) = address else { return Ok((None, None)) };
     let failed = |source| StartError::Bind { what, address, source };
     let socket = TcpListener::bind(address).await.map_err(failed)?;
@@ -156,10 +159,8 @@ pub async fn start(client: Client, mut config: OperatorConfig) -> Result<Running
         Some(service) => {
             let certs = CertsConfig::new(lease_namespace.clone(), service.dns_names.clone());
             let certificates = Certificates::start(client.clone(), certs, metrics.clone(), stop.clone()).await?;
-            config.options.gateway_control = service
-                .gateway_url
-                .clone()
-                .map(|url| GatewayControl { url, ca_pem: certificates.ca_pem() });
+            config.options.gateway_control =
+                service.gateway_url.clone().map(|url| GatewayControl { url, ca_pem: certificates.ca_pem() });
             Some(certificates)
         }
         None => None,

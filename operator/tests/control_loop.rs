@@ -69,7 +69,10 @@ async fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
 /// A ServiceAccount token for `account` in `namespace`, with `audience`.
 async fn token(client: &Client, namespace: &str, account: &str, audience: &str) -> String {
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let account_object = ServiceAccount { metadata: kube::api::ObjectMeta { name: Some(account.into()), ..Default::default() }, ..Default::default() };
+    let account_object = ServiceAccount {
+        metadata: kube::api::ObjectMeta { name: Some(account.into()), ..Default::default() },
+        ..Default::default()
+    };
     match accounts.create(&PostParams::default(), &account_object).await {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -193,7 +196,6 @@ impl Proxy {
         let (status, body) = http_get(self.admin, "/stats").await?;
         (status == 200).then(|| serde_json::from_str(&body).ok()).flatten()
     }
-
 }
 
 impl Drop for Proxy {
@@ -291,7 +293,10 @@ async fn spec_changes_reach_the_proxy_within_two_seconds_without_dropping_an_ope
         ("a new limit", vec![listener("web", port, &[first, second], r#"{"maxConnections": 50}"#)]),
         (
             "a new listener",
-            vec![listener("web", port, &[first, second], r#"{"maxConnections": 50}"#), listener("other", other_port, &[second], "")],
+            vec![
+                listener("web", port, &[first, second], r#"{"maxConnections": 50}"#),
+                listener("other", other_port, &[second], ""),
+            ],
         ),
         ("a removed listener", vec![listener("web", port, &[first, second], r#"{"maxConnections": 50}"#)]),
     ];
@@ -316,8 +321,16 @@ async fn spec_changes_reach_the_proxy_within_two_seconds_without_dropping_an_ope
 async fn refusal(env: &Env, token: Option<&str>, namespace: &str, name: &str) -> tonic::Status {
     use l4proxy::control::proto::{Hello, ProxyMessage, config_service_client::ConfigServiceClient, proxy_message};
     let ca = std::fs::read_to_string(&env.ca).unwrap();
-    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca)).domain_name("127.0.0.1");
-    let channel = tonic::transport::Endpoint::from_shared(env.url.clone()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("127.0.0.1");
+    let channel = tonic::transport::Endpoint::from_shared(env.url.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut client = ConfigServiceClient::new(channel);
     let hello = Hello { namespace: namespace.into(), name: name.into(), proxy: "test".into(), ..Default::default() };
     let messages = futures::stream::iter([ProxyMessage { message: Some(proxy_message::Message::Hello(hello)) }])
@@ -362,7 +375,10 @@ async fn subscriptions_without_a_valid_token_for_the_namespace_are_refused_with_
 
     let metrics = env.operator.as_ref().unwrap().metrics.encode();
     for reason in ["no_token", "invalid_token", "wrong_audience", "other_namespace", "not_found"] {
-        assert!(metrics.contains(&format!("l4proxy_operator_proxies_refused_total{{reason=\"{reason}\"}} 1")), "{reason}: {metrics}");
+        assert!(
+            metrics.contains(&format!("l4proxy_operator_proxies_refused_total{{reason=\"{reason}\"}} 1")),
+            "{reason}: {metrics}"
+        );
     }
 }
 
@@ -391,7 +407,12 @@ async fn a_version_one_proxy_cannot_apply_is_programmed_false_naming_it_while_th
 
     // A listener on a fixed port: the first proxy to bind it wins, the other cannot apply.
     let fixed = format!("127.0.0.1:{}", free_port());
-    set_listeners(&api, "web", vec![listener_at("web", "127.0.0.1:0", &[backend]), listener_at("extra", &fixed, &[backend])]).await;
+    set_listeners(
+        &api,
+        "web",
+        vec![listener_at("web", "127.0.0.1:0", &[backend]), listener_at("extra", &fixed, &[backend])],
+    )
+    .await;
     let rejected = wait_status(&api, "web", "Programmed=False naming the proxy that could not bind", |p| {
         condition_of(p, "Programmed").is_some_and(|(status, reason, _)| status == "False" && reason == "Rejected")
     })
@@ -473,7 +494,10 @@ fn load_balancer(env: &Env, ports: &[u16]) -> (Proxy, String) {
     let args: Vec<String> = ["run", "--config", &config.display().to_string()].map(String::from).into();
     let log = env.dir.join("lb.log");
     let child = Proxy::spawn(&args, &log, "lb");
-    (Proxy { child, admin: format!("127.0.0.1:{admin}").parse().unwrap(), log, args }, format!("https://127.0.0.1:{front}"))
+    (
+        Proxy { child, admin: format!("127.0.0.1:{admin}").parse().unwrap(), log, args },
+        format!("https://127.0.0.1:{front}"),
+    )
 }
 
 #[tokio::test]
@@ -487,10 +511,15 @@ async fn with_two_operators_status_covers_every_proxy_and_survives_the_leaders_d
     create_resource(&api, "web", vec![listener_at("web", "127.0.0.1:0", &[backend])]).await;
     let token = env.token_file("proxy").await;
     let resource = format!("{}/web", env.ns.name());
-    let proxies: Vec<Proxy> = ["web-1", "web-2"].iter().map(|n| Proxy::start(&url, &resource, &token, &env.ca, n, &env.dir)).collect();
+    let proxies: Vec<Proxy> =
+        ["web-1", "web-2"].iter().map(|n| Proxy::start(&url, &resource, &token, &env.ca, n, &env.dir)).collect();
     let status = wait_status(&api, "web", "2/2, one proxy on each replica", |p| proxies_of(p) == (2, 2)).await;
     assert!(has_condition(&status, "Programmed", "True"));
-    assert_eq!((env.operator.as_ref().unwrap().registry.connected(), follower.registry.connected()), (1, 1), "one each");
+    assert_eq!(
+        (env.operator.as_ref().unwrap().registry.connected(), follower.registry.connected()),
+        (1, 1),
+        "one each"
+    );
 
     let address = wait_for("web-1's listener", TIMEOUT, || bound(&proxies[0], "web")).await;
     let mut open = wait_for("traffic", TIMEOUT, || round_trip(address)).await;

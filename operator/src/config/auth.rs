@@ -95,10 +95,14 @@ pub struct Identity {
     pub pod: Option<(String, String)>,
 }
 
+/// A TokenReview's answer, and when it was given.
+type Answer = (Result<Identity, Refusal>, Instant);
+
 /// Checks tokens and subscriptions.
 pub struct Authenticator {
     client: Client,
-    cache: Mutex<HashMap<u128, (Result<Identity, Refusal>, Instant)>>,
+    /// By a hash of the token (the token itself is not kept).
+    cache: Mutex<HashMap<u128, Answer>>,
 }
 
 impl Authenticator {

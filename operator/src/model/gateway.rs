@@ -15,8 +15,8 @@ use k8s_openapi::{
         core::v1::{
             Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
             HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
-            SecurityContext, Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume,
-            VolumeMount, VolumeProjection,
+            SecurityContext, Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount,
+            VolumeProjection,
         },
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},

@@ -53,7 +53,8 @@ impl ProxyStatus {
     /// Replaces the summaries; returns the resources whose summary changed.
     fn replace(&self, next: BTreeMap<(String, String), Summary>) -> Vec<(String, String)> {
         let mut merged = self.merged.write().unwrap_or_else(|e| e.into_inner());
-        let mut changed: Vec<_> = next.iter().filter(|(k, v)| merged.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect();
+        let mut changed: Vec<_> =
+            next.iter().filter(|(k, v)| merged.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect();
         changed.extend(merged.keys().filter(|k| !next.contains_key(*k)).cloned());
         *merged = next;
         changed
@@ -104,10 +105,9 @@ pub async fn run(aggregation: Aggregation, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let configs = &aggregation.configs;
-        let own = aggregation.registry.summaries(
-            |(ns, name)| configs.get(ns, name).map(|c| c.version.to_string()),
-            2 * aggregation.interval,
-        );
+        let own = aggregation
+            .registry
+            .summaries(|(ns, name)| configs.get(ns, name).map(|c| c.version.to_string()), 2 * aggregation.interval);
         if !own.is_empty() || published {
             match publish(&api, &name, &aggregation.identity, &own).await {
                 Ok(()) => published = !own.is_empty(),
@@ -140,8 +140,10 @@ pub async fn run(aggregation: Aggregation, stop: CancellationToken) {
 }
 
 fn report_name(identity: &str) -> String {
-    let safe: String =
-        identity.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' }).collect();
+    let safe: String = identity
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' })
+        .collect();
     format!("l4proxy-proxies-{}", safe.trim_matches('-'))
 }
 
@@ -165,7 +167,10 @@ async fn publish(
             ])),
             ..Default::default()
         },
-        data: Some(BTreeMap::from([(REPORT_KEY.to_owned(), serde_json::to_string(&report).expect("a report serialises"))])),
+        data: Some(BTreeMap::from([(
+            REPORT_KEY.to_owned(),
+            serde_json::to_string(&report).expect("a report serialises"),
+        )])),
         ..Default::default()
     };
     api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&config_map)).await.map(drop)

@@ -86,7 +86,11 @@ pub(super) async fn write(
 
 /// Each listener's backends (from this reconcile's resolution, or as the status last said when
 /// the spec is not accepted) and what its proxies report.
-fn listener_statuses(resolved: Option<&Resolved>, summary: &Summary, current: &Option<L4ProxyStatus>) -> Vec<ListenerStatus> {
+fn listener_statuses(
+    resolved: Option<&Resolved>,
+    summary: &Summary,
+    current: &Option<L4ProxyStatus>,
+) -> Vec<ListenerStatus> {
     let backends: Vec<(String, u32)> = match resolved {
         Some(resolved) => resolved.backends_per_listener.clone(),
         None => current.iter().flat_map(|s| s.listeners.iter()).map(|l| (l.name.clone(), l.backends)).collect(),

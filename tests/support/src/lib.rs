@@ -37,8 +37,8 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use controlplane::{ControlPlane, STOP_GRACE, StartOptions};
-pub use ports::free_port;
 pub use namespace::{TEST_NAMESPACE_LABEL, TestNamespace};
+pub use ports::free_port;
 
 /// How often [`wait_for`] re-evaluates its condition.
 pub const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(50);
