@@ -476,28 +476,45 @@ async fn after_a_proxy_restart_status_recovers() {
     .await;
 }
 
-/// An `l4proxy` in front of the operators' config services, as their Service would be: round
-/// robin, and a replica that refuses is skipped for the next.
-fn load_balancer(env: &Env, ports: &[u16]) -> (Proxy, String) {
-    let front = free_port();
-    let backends: Vec<String> = ports.iter().map(|p| format!("{{address: '127.0.0.1:{p}'}}")).collect();
-    let admin = free_port();
-    let config = env.dir.join("lb.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n- name: operators\n  address: 127.0.0.1:{front}\n  backends: [{}]\n",
-            backends.join(", ")
-        ),
-    )
-    .unwrap();
-    let args: Vec<String> = ["run", "--config", &config.display().to_string()].map(String::from).into();
-    let log = env.dir.join("lb.log");
-    let child = Proxy::spawn(&args, &log, "lb");
-    (
-        Proxy { child, admin: format!("127.0.0.1:{admin}").parse().unwrap(), log, args },
-        format!("https://127.0.0.1:{front}"),
-    )
+/// An `l4proxy` in front of an operator's config service, as its Service would be: reloaded
+/// (`set`) when the Service's endpoints change.
+struct LoadBalancer {
+    _proxy: Proxy,
+    config: PathBuf,
+    admin: u16,
+    front: u16,
+}
+
+impl LoadBalancer {
+    fn start(env: &Env, port: u16) -> Self {
+        let (front, admin) = (free_port(), free_port());
+        let config = env.dir.join("lb.yaml");
+        Self::write(&config, admin, front, port);
+        let args: Vec<String> =
+            ["run", "--config", &config.display().to_string(), "--watch-interval", "100ms"].map(String::from).into();
+        let log = env.dir.join("lb.log");
+        let child = Proxy::spawn(&args, &log, "lb");
+        let proxy = Proxy { child, admin: format!("127.0.0.1:{admin}").parse().unwrap(), log, args };
+        Self { _proxy: proxy, config, admin, front }
+    }
+
+    /// Sends to the config service on `port` from now on.
+    fn set(&self, port: u16) {
+        Self::write(&self.config, self.admin, self.front, port);
+    }
+
+    fn write(config: &Path, admin: u16, front: u16, port: u16) {
+        let text = format!(
+            "admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n- name: operators\n  address: 127.0.0.1:{front}\n  backends: [{{address: '127.0.0.1:{port}'}}]\n"
+        );
+        let tmp = config.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, config).unwrap();
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.front)
+    }
 }
 
 #[tokio::test]
@@ -505,25 +522,29 @@ async fn with_two_operators_status_covers_every_proxy_and_survives_the_leaders_d
     let mut env = Env::new("failover").await;
     let follower_port = free_port();
     let follower = start_operator_serving(&env.client, env.ns.name(), "op-2", follower_port).await;
-    let (_lb, url) = load_balancer(&env, &[env.port, follower_port]);
+    let lb = LoadBalancer::start(&env, env.port);
     let backend = echo().await;
     let api = env.api();
     create_resource(&api, "web", vec![listener_at("web", "127.0.0.1:0", &[backend])]).await;
     let token = env.token_file("proxy").await;
     let resource = format!("{}/web", env.ns.name());
-    let proxies: Vec<Proxy> =
-        ["web-1", "web-2"].iter().map(|n| Proxy::start(&url, &resource, &token, &env.ca, n, &env.dir)).collect();
-    let status = wait_status(&api, "web", "2/2, one proxy on each replica", |p| proxies_of(p) == (2, 2)).await;
+    // One proxy reaches the leader through the "Service", the other the follower directly.
+    let on_leader = Proxy::start(&lb.url(), &resource, &token, &env.ca, "web-1", &env.dir);
+    let follower_url = format!("https://127.0.0.1:{follower_port}");
+    let _on_follower = Proxy::start(&follower_url, &resource, &token, &env.ca, "web-2", &env.dir);
+    let status = wait_status(&api, "web", "2/2 over both replicas", |p| proxies_of(p) == (2, 2)).await;
     assert!(has_condition(&status, "Programmed", "True"));
     assert_eq!(
         (env.operator.as_ref().unwrap().registry.connected(), follower.registry.connected()),
         (1, 1),
-        "one each"
+        "one on each: the leader's status counts the follower's proxy"
     );
 
-    let address = wait_for("web-1's listener", TIMEOUT, || bound(&proxies[0], "web")).await;
+    let address = wait_for("web-1's listener", TIMEOUT, || bound(&on_leader, "web")).await;
     let mut open = wait_for("traffic", TIMEOUT, || round_trip(address)).await;
+    // The leader dies; its endpoint leaves the Service, the follower's takes its place.
     env.operator.take().unwrap().stop().await;
+    lb.set(follower_port);
     let follower = leading(follower).await;
     wait_status(&api, "web", "2/2 again, written by the new leader", |p| {
         proxies_of(p) == (2, 2) && has_condition(p, "Programmed", "True")
@@ -531,5 +552,4 @@ async fn with_two_operators_status_covers_every_proxy_and_survives_the_leaders_d
     .await;
     assert_eq!(follower.registry.connected(), 2, "both proxies are on the surviving replica");
     assert!(ping(&mut open).await, "traffic never stopped");
-    drop(proxies);
 }

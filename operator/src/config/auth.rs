@@ -43,9 +43,9 @@ pub enum Refusal {
     #[error("invalid token: {0}")]
     InvalidToken(String),
     #[error(
-        "the token's audiences {0:?} do not include {TOKEN_AUDIENCE} (kubectl create token SA --audience {TOKEN_AUDIENCE})"
+        "the token's audiences do not include {TOKEN_AUDIENCE} (kubectl create token SA --audience {TOKEN_AUDIENCE}): {0}"
     )]
-    WrongAudience(Vec<String>),
+    WrongAudience(String),
     #[error(
         "the token is for namespace {token}, the resource is in {resource}: a proxy serves resources of its own namespace"
     )]
@@ -187,11 +187,17 @@ impl Authenticator {
 /// The identity in a TokenReview's answer, or why the token is refused.
 fn identity_of(status: k8s_openapi::api::authentication::v1::TokenReviewStatus) -> Result<Identity, Refusal> {
     if status.authenticated != Some(true) {
-        return Err(Refusal::InvalidToken(status.error.unwrap_or_else(|| "not authenticated".into())));
+        let error = status.error.unwrap_or_else(|| "not authenticated".into());
+        // The API server refuses a token for other audiences as unauthenticated, saying why.
+        return Err(if error.contains("audience") {
+            Refusal::WrongAudience(error)
+        } else {
+            Refusal::InvalidToken(error)
+        });
     }
     let audiences = status.audiences.unwrap_or_default();
     if !audiences.iter().any(|a| a == TOKEN_AUDIENCE) {
-        return Err(Refusal::WrongAudience(audiences));
+        return Err(Refusal::WrongAudience(format!("it is for {audiences:?}")));
     }
     let user = status.user.unwrap_or_default();
     let username = user.username.unwrap_or_default();
@@ -258,6 +264,16 @@ mod tests {
                 pod: Some(("web-1".into(), "u1".into()))
             }
         );
+    }
+
+    #[test]
+    fn a_token_the_api_server_refuses_for_its_audience_is_a_wrong_audience() {
+        let refused = TokenReviewStatus {
+            authenticated: Some(false),
+            error: Some(r#"[invalid bearer token, token audiences ["https://kubernetes.default.svc"] is invalid for the target audiences ["l4proxy.dev"]]"#.into()),
+            ..Default::default()
+        };
+        assert_eq!(identity_of(refused).unwrap_err().label(), "wrong_audience");
     }
 
     #[test]
