@@ -1,9 +1,9 @@
 # l4proxy: `make test` runs every check CI runs.
 CARGO ?= cargo
 
-.PHONY: test fmt-check clippy crd-check tools unit-and-integration example build run crds
+.PHONY: test fmt-check clippy crd-check tools unit-and-integration example demo-check demo demo-down build run crds
 
-test: fmt-check clippy crd-check unit-and-integration example
+test: fmt-check clippy crd-check unit-and-integration example demo-check
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -23,12 +23,27 @@ crds:
 tools:
 	tools/build.sh
 
-# Every tier: unit, proxy integration, and control-plane tests against a real kube-apiserver + etcd.
+# Every tier: unit, proxy integration, and control-plane tests against a real kube-apiserver + etcd
+# (the operator's control-loop tests run real l4proxy processes: the debug binary, built first).
 unit-and-integration:
-	L4PROXY_TOOLS_BIN="$$(tools/build.sh | tail -n 1)" && export L4PROXY_TOOLS_BIN && $(CARGO) test --workspace
+	$(CARGO) build -q -p l4proxy --bin l4proxy
+	L4PROXY_TOOLS_BIN="$$(tools/build.sh | tail -n 1)" && export L4PROXY_TOOLS_BIN \
+		&& L4PROXY_BIN="$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/l4proxy" \
+		&& export L4PROXY_BIN && $(CARGO) test --workspace
 
 example:
 	$(CARGO) run -q -p l4proxy --example connection_management_demo > /dev/null
+
+# The control loop on this machine: local control plane, operator, one proxy, traffic, status.
+demo:
+	tests/demo/up
+
+demo-down:
+	tests/demo/down
+
+# The demo, run through and stopped (what `make test` checks of it).
+demo-check:
+	L4PROXY_DEMO_DIR="$${TMPDIR:-/tmp}/l4proxy-demo-check" tests/demo/up --check
 
 build:
 	$(CARGO) build --release -p l4proxy -p l4proxy-operator

@@ -207,7 +207,7 @@ mod tests {
         let events: Api<K8sEvent> = Api::namespaced(client, ns.name());
         let events = events.list(&ListParams::default()).await.unwrap().items;
         let reasons: Vec<_> = events.iter().filter_map(|e| e.reason.clone()).collect();
-        assert_eq!(reasons.len(), 2, "{reasons:?}");
-        assert_eq!(ctx.metrics.writes(), 3, "one status write and two Events");
+        assert_eq!(reasons.len(), 3, "Accepted, Ready and Programmed, once each: {reasons:?}");
+        assert_eq!(ctx.metrics.writes(), 4, "one status write and three Events");
     }
 }
