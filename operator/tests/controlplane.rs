@@ -413,9 +413,10 @@ async fn kubectl_get_shows_ready_proxies_and_listeners_and_explain_describes_fie
     let table = kubectl(&["get", "l4p", "-n", ns.name()]).await;
     let mut lines = table.lines();
     let header: Vec<_> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "READY", "PROXIES", "LISTENERS", "AGE"], "{table}");
+    assert_eq!(header, ["NAME", "READY", "PROGRAMMED", "PROXIES", "LISTENERS", "AGE"], "{table}");
+    // This operator serves no config service: no proxy has reported, so Programmed is Unknown.
     let row: Vec<_> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(&row[..4], ["web", "True", "0", "web"], "{table}");
+    assert_eq!(&row[..5], ["web", "True", "Unknown", "0/0", "web"], "{table}");
 
     // The API server publishes the CRD's OpenAPI shortly after it is Established.
     let explained = wait_for("kubectl explain to know the CRD", TIMEOUT, || async {

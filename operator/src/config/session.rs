@@ -75,7 +75,14 @@ pub async fn subscribe(
     tokio::spawn(receive(
         inbound,
         registration,
-        Peer { shared: shared.clone(), name, resource, pushes: pushes.clone(), done: done.clone() },
+        Peer {
+            shared: shared.clone(),
+            since: tokio::time::Instant::now(),
+            name,
+            resource,
+            pushes: pushes.clone(),
+            done: done.clone(),
+        },
     ));
     Ok(Response::new(push_stream(pushes, gateway, done, shared.metrics.clone())))
 }
@@ -146,6 +153,8 @@ fn update_of(published: &Published, gateway: bool, nonce: u64) -> ConfigUpdate {
 /// What the inbound side needs of the session.
 struct Peer {
     shared: Arc<Shared>,
+    /// When the stream began: versions older than that were not pushed because they changed.
+    since: tokio::time::Instant,
     name: String,
     resource: String,
     pushes: watch::Receiver<Option<Published>>,
@@ -182,7 +191,11 @@ fn on_ack(peer: &Peer, registration: &Registration, ack: Ack) {
         registration.applied(&ack.version);
         peer.shared.metrics.applied();
         let pushed = peer.pushes.borrow();
-        if let Some(published) = pushed.as_ref().filter(|p| p.config.version.to_string() == ack.version) {
+        // Only for a version that appeared while this proxy was connected: the latency of a push
+        // caused by a change, not of a first config at connect time.
+        let changed_since_connect =
+            |p: &&Published| p.since >= peer.since && p.config.version.to_string() == ack.version;
+        if let Some(published) = pushed.as_ref().filter(changed_since_connect) {
             peer.shared.metrics.push_latency(published.since.elapsed());
         }
     } else {

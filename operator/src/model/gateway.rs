@@ -356,6 +356,32 @@ mod tests {
     }
 
     #[test]
+    fn with_a_config_service_gateway_pods_subscribe_with_a_projected_token_and_the_ca() {
+        let p = proxy(DB);
+        let control = GatewayControl { url: "https://l4proxy-operator.ops.svc:8443".into(), ca_pem: "PEM".into() };
+        let cm = config_map(&p, &p.spec.listeners, Some(&control));
+        assert_eq!(cm.data.as_ref().unwrap()[CA_FILE], "PEM");
+        let deploy = deployment(&p, &GatewaySpec::default(), "example/l4proxy:1", Some(&control));
+        let pod = deploy.spec.template.spec.unwrap();
+        let args = pod.containers[0].args.clone().unwrap();
+        let after = |flag: &str| args.iter().position(|a| a == flag).map(|i| args[i + 1].clone());
+        assert_eq!(after("--control-plane").as_deref(), Some("https://l4proxy-operator.ops.svc:8443"));
+        assert_eq!(after("--resource").as_deref(), Some("shop/db"));
+        assert_eq!(after("--token-file").as_deref(), Some("/var/run/secrets/l4proxy.dev/token"));
+        assert_eq!(after("--ca-file").as_deref(), Some("/etc/l4proxy/ca.crt"));
+        let env: Vec<_> = pod.containers[0].env.iter().flatten().map(|e| e.name.as_str()).collect();
+        assert_eq!(env, ["POD_NAME", "POD_NAMESPACE"]);
+        let token = pod.volumes.iter().flatten().find(|v| v.name == "token").unwrap();
+        let projection =
+            token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0].service_account_token.clone().unwrap();
+        assert_eq!(projection.audience.as_deref(), Some("l4proxy.dev"));
+        // Without one, the pod only reads its ConfigMap, as before.
+        let plain = deployment(&p, &GatewaySpec::default(), "example/l4proxy:1", None).spec.template.spec.unwrap();
+        assert!(!plain.containers[0].args.clone().unwrap().contains(&"--control-plane".to_owned()));
+        assert_eq!(plain.volumes.unwrap().len(), 1);
+    }
+
+    #[test]
     fn image_override_wins_over_the_operator_default() {
         let p = proxy(DB);
         let gateway = GatewaySpec { image: Some("mine:2".into()), ..Default::default() };
