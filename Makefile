@@ -1,9 +1,9 @@
 # l4proxy: `make test` runs every check CI runs.
 CARGO ?= cargo
 
-.PHONY: test fmt-check clippy crd-check tools unit-and-integration example demo-check demo demo-down build run crds
+.PHONY: test fmt-check clippy crd-check chart-check tools unit-and-integration example demo-check demo demo-down build run crds
 
-test: fmt-check clippy crd-check unit-and-integration example demo-check
+test: fmt-check clippy crd-check chart-check unit-and-integration example demo-check
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -18,6 +18,20 @@ crd-check:
 
 crds:
 	$(CARGO) run -q -p l4proxy-operator -- crd > crds/l4proxy.dev_l4proxies.yaml
+	cp crds/l4proxy.dev_l4proxies.yaml charts/l4proxy/crds/l4proxy.dev_l4proxies.yaml
+
+# The chart installs the generated CRD (a copy: Helm reads only files inside the chart), lints
+# clean with --strict, renders its optional parts, and refuses a misspelt value (its schema).
+# helm comes from tools/build.sh (or PATH, when KUBEBUILDER_ASSETS provides the rest).
+chart-check:
+	@diff -u crds/l4proxy.dev_l4proxies.yaml charts/l4proxy/crds/l4proxy.dev_l4proxies.yaml \
+		|| { echo "charts/l4proxy/crds/ is out of date with crds/: run 'make crds' and commit the result" >&2; exit 1; }
+	@helm="$$(tools/build.sh | tail -n 1)/helm" && { [ -x "$$helm" ] || helm=helm; } \
+		&& "$$helm" lint --strict charts/l4proxy \
+		&& "$$helm" lint --strict charts/l4proxy --set replicas=1 --set webhook.url=https://127.0.0.1:9443 \
+			--set watchNamespace=shop --set serviceMonitor.enabled=true --set networkPolicy.enabled=true \
+		&& if "$$helm" template charts/l4proxy --set webhook.failurPolicy=Fail > /dev/null 2>&1; then \
+			echo "charts/l4proxy: a misspelt value was accepted (values.schema.json)" >&2; exit 1; fi
 
 # Builds (or reuses from the cache outside the repo) etcd, kube-apiserver, kubectl and helm.
 tools:
@@ -50,3 +64,4 @@ build:
 
 run:
 	$(CARGO) run --release -p l4proxy -- run --config examples/quickstart.yaml
+
