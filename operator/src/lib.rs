@@ -19,6 +19,10 @@ pub mod model;
 pub mod operator;
 /// The controller: watches and their cache, the reconciler, apply, status and Events.
 pub mod reconcile;
+/// TLS listeners with bounded handshakes (the config service's and the webhook's).
+mod tls;
+/// The sidecar-injection webhook and the `caBundle` of its configuration.
+pub mod webhook;
 
 pub use api::crd::{L4Proxy, L4ProxySpec, L4ProxyStatus};
-pub use operator::{ConfigServiceConfig, OperatorConfig, Running, StartError, start};
+pub use operator::{ConfigServiceConfig, OperatorConfig, Running, StartError, WebhookConfig, start};

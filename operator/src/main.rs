@@ -10,11 +10,14 @@ use l4proxy::{
     telemetry::{self, LogFormat},
 };
 use l4proxy_operator::{
-    ConfigServiceConfig, OperatorConfig, api::crd::crd_yaml, certs, lease::LeaseConfig, reconcile::Options,
+    ConfigServiceConfig, OperatorConfig, WebhookConfig, api::crd::crd_yaml, certs, lease::LeaseConfig,
+    model::injection, reconcile::Options,
 };
 
-/// The operator's Service in the chart: the names proxies and gateway pods reach it by.
+/// The operator's Services in the chart: the names proxies reach the config service by, and the
+/// API server the webhook.
 const SERVICE_NAME: &str = "l4proxy-operator";
+const WEBHOOK_SERVICE_NAME: &str = "l4proxy-operator-webhook";
 
 #[derive(Parser)]
 #[command(name = "l4proxy-operator", version, about = "Kubernetes operator for l4proxy")]
@@ -75,11 +78,12 @@ struct RunArgs {
     /// Where the config service (gRPC over TLS) listens for proxies.
     #[arg(long, default_value = "0.0.0.0:8443")]
     config_service_address: SocketAddr,
-    /// Names in the config service's serving certificate (comma-separated; 127.0.0.1 is always
-    /// added). Default: the chart's Service, `l4proxy-operator[.NAMESPACE[.svc]]`.
+    /// Names in the serving certificate of the config service and the webhook (comma-separated;
+    /// 127.0.0.1 is always added). Default: the chart's Services,
+    /// `l4proxy-operator[.NAMESPACE[.svc]]` and `l4proxy-operator-webhook[.NAMESPACE[.svc]]`.
     #[arg(long, value_delimiter = ',')]
     config_service_dns_names: Vec<String>,
-    /// What gateway pods dial to reach the config service. Default:
+    /// What pods (gateways, injected sidecars) dial to reach the config service. Default:
     /// `https://l4proxy-operator.NAMESPACE.svc:PORT` (the port of --config-service-address).
     #[arg(long)]
     config_service_url: Option<String>,
@@ -90,6 +94,25 @@ struct RunArgs {
     /// How often the proxies' reports are summed up and a resource's status may be written.
     #[arg(long, default_value = "10s")]
     status_interval: ConfigDuration,
+    /// Where the sidecar-injection webhook (HTTPS, path /inject) listens.
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    webhook_address: SocketAddr,
+    /// The MutatingWebhookConfiguration whose webhooks' caBundle this operator writes and keeps
+    /// (the chart's); "" for none.
+    #[arg(long, default_value = "l4proxy-operator")]
+    webhook_configuration: String,
+    /// An injected sidecar's CPU request ("" for none; annotation l4proxy.dev/proxy-cpu-request).
+    #[arg(long, default_value = "10m")]
+    sidecar_cpu_request: String,
+    /// An injected sidecar's CPU limit ("" for none; annotation l4proxy.dev/proxy-cpu-limit).
+    #[arg(long, default_value = "")]
+    sidecar_cpu_limit: String,
+    /// An injected sidecar's memory request (annotation l4proxy.dev/proxy-memory-request).
+    #[arg(long, default_value = "32Mi")]
+    sidecar_memory_request: String,
+    /// An injected sidecar's memory limit (annotation l4proxy.dev/proxy-memory-limit).
+    #[arg(long, default_value = "256Mi")]
+    sidecar_memory_limit: String,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -146,13 +169,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let lease_namespace = args.lease_namespace.or_else(|| args.namespace.clone()).unwrap_or_else(|| "default".into());
     let dns_names = if args.config_service_dns_names.is_empty() {
-        certs::service_dns_names(SERVICE_NAME, &lease_namespace)
+        let mut names = certs::service_dns_names(SERVICE_NAME, &lease_namespace);
+        names.extend(certs::service_dns_names(WEBHOOK_SERVICE_NAME, &lease_namespace));
+        names
     } else {
         args.config_service_dns_names
     };
-    let gateway_url = args.config_service_url.unwrap_or_else(|| {
+    let pod_url = args.config_service_url.unwrap_or_else(|| {
         format!("https://{SERVICE_NAME}.{lease_namespace}.svc:{}", args.config_service_address.port())
     });
+    let given = |value: String| Some(value).filter(|v| !v.is_empty());
+    let webhook = WebhookConfig {
+        address: args.webhook_address,
+        configuration: given(args.webhook_configuration),
+        image: args.proxy_image.clone(),
+        resources: injection::Resources {
+            cpu_request: given(args.sidecar_cpu_request),
+            cpu_limit: given(args.sidecar_cpu_limit),
+            memory_request: given(args.sidecar_memory_request),
+            memory_limit: given(args.sidecar_memory_limit),
+        },
+    };
     let config = OperatorConfig {
         options: Options {
             namespace: args.namespace,
@@ -175,13 +212,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         config_service: Some(ConfigServiceConfig {
             address: args.config_service_address,
             dns_names,
-            gateway_url: Some(gateway_url),
+            pod_url: Some(pod_url),
             max_proxies: args.max_proxies as usize,
         }),
         status_interval: args.status_interval.get(),
+        webhook: Some(webhook),
     };
     let running = l4proxy_operator::start(client, config).await.context("starting the operator")?;
-    tracing::info!(http = ?running.http_address, config_service = ?running.config_service_address, "operator started");
+    tracing::info!(
+        http = ?running.http_address,
+        config_service = ?running.config_service_address,
+        webhook = ?running.webhook_address,
+        "operator started"
+    );
     shutdown_signal().await;
     tracing::info!("stopping: finishing reconciles, then releasing the lease");
     match tokio::time::timeout(Duration::from_secs(30), running.stop()).await {

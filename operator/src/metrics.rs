@@ -69,6 +69,9 @@ pub struct Metrics {
     serving_cert_expiry: Gauge,
     serving_cert_rotations: Family<ReasonLabels, Counter>,
     cert_check_failures: Family<ReasonLabels, Counter>,
+    admissions: Family<ResultLabels, Counter>,
+    admission_events_skipped: Counter,
+    ca_bundle_writes: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -101,6 +104,9 @@ impl Metrics {
             serving_cert_expiry: Gauge::default(),
             serving_cert_rotations: Family::default(),
             cert_check_failures: Family::default(),
+            admissions: Family::default(),
+            admission_events_skipped: Counter::default(),
+            ca_bundle_writes: Family::default(),
         };
         let r = &mut m.registry;
         r.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -134,6 +140,22 @@ impl Metrics {
             "serving_cert_expiry_timestamp_seconds",
             "When the serving certificate this replica presents expires (unix seconds)",
             m.serving_cert_expiry.clone(),
+        );
+        r.register(
+            "webhook_admissions",
+            "Pods the injection webhook answered for, by result (injected, unmatched, refused, not_opted_in, \
+             already_injected, excluded_namespace, not_a_create, bad_request, error)",
+            m.admissions.clone(),
+        );
+        r.register(
+            "webhook_events_skipped",
+            "Events about pods admitted without a sidecar that were skipped: too many were being published",
+            m.admission_events_skipped.clone(),
+        );
+        r.register(
+            "webhook_ca_bundle_writes",
+            "Patches of the webhook configuration's caBundle, by result (ok, error)",
+            m.ca_bundle_writes.clone(),
         );
         r.register(
             "serving_cert_rotations",
@@ -170,6 +192,18 @@ impl Metrics {
 
     pub fn push_latency(&self, latency: std::time::Duration) {
         self.push_latency.observe(latency.as_secs_f64());
+    }
+
+    pub fn admission(&self, result: &'static str) {
+        self.admissions.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn admission_event_skipped(&self) {
+        self.admission_events_skipped.inc();
+    }
+
+    pub fn ca_bundle_write(&self, ok: bool) {
+        self.ca_bundle_writes.get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" } }).inc();
     }
 
     pub fn token_review(&self, authenticated: bool) {

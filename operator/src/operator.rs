@@ -28,10 +28,12 @@ use crate::{
     metrics::Metrics,
     model::configs::ConfigStore,
     model::gateway::GatewayControl,
+    model::injection::{self, Sidecar},
     reconcile::{
         self, Cache, Context, Options,
         proxies::{self, ProxyStatus, REPORT_LABEL},
     },
+    webhook::{self, Injector},
 };
 
 async fn bind(
@@ -58,6 +60,21 @@ pub struct OperatorConfig {
     pub config_service: Option<ConfigServiceConfig>,
     /// How often the proxies' reports are summed up into status (`--status-interval`).
     pub status_interval: Duration,
+    /// The sidecar-injection webhook; `None`: not served. Needs the config service (its
+    /// certificate, and the URL sidecars dial).
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// Where the injection webhook listens, which configuration's `caBundle` it keeps, and what
+/// sidecars get.
+pub struct WebhookConfig {
+    pub address: SocketAddr,
+    /// The MutatingWebhookConfiguration whose webhooks get the CA; `None`: someone else sets it.
+    pub configuration: Option<String>,
+    /// The sidecar's image.
+    pub image: String,
+    /// The sidecar's default resources (pods' annotations override them).
+    pub resources: injection::Resources,
 }
 
 /// Where the config service listens and what its certificate says.
@@ -65,8 +82,9 @@ pub struct ConfigServiceConfig {
     pub address: SocketAddr,
     /// The serving certificate's names (127.0.0.1 is always added).
     pub dns_names: Vec<String>,
-    /// What gateway pods dial; `None`: gateway pods read only their ConfigMap.
-    pub gateway_url: Option<String>,
+    /// What pods (gateways, injected sidecars) dial; `None`: gateway pods read only their
+    /// ConfigMap, and no sidecar can be injected.
+    pub pod_url: Option<String>,
     /// Most proxies this replica serves at once.
     pub max_proxies: usize,
 }
@@ -83,6 +101,8 @@ pub enum StartError {
     },
     #[error("the config service's certificates")]
     Certificates(#[from] CertsError),
+    #[error("the webhook: {0}")]
+    Webhook(String),
 }
 
 /// A started operator. [`Running::stop`] shuts it down gracefully.
@@ -94,6 +114,8 @@ pub struct Running {
     pub http_address: Option<SocketAddr>,
     /// The bound config service address (useful with port 0).
     pub config_service_address: Option<SocketAddr>,
+    /// The bound webhook address (useful with port 0).
+    pub webhook_address: Option<SocketAddr>,
     /// The proxies connected to this replica.
     pub registry: Arc<Registry>,
     health: Arc<Health>,
@@ -147,6 +169,16 @@ pub async fn start(client: Client, mut config: OperatorConfig) -> Result<Running
     let (http_socket, http_address) = bind("--http-address", config.http_address).await?;
     let (config_socket, config_service_address) =
         bind("--config-service-address", config.config_service.as_ref().map(|s| s.address)).await?;
+    let (webhook_socket, webhook_address) =
+        bind("--webhook-address", config.webhook.as_ref().map(|w| w.address)).await?;
+    let pod_url = config.config_service.as_ref().and_then(|s| s.pod_url.clone());
+    if let Some(webhook) = &config.webhook {
+        if pod_url.is_none() {
+            return Err(StartError::Webhook("injected sidecars need the config service and the URL pods dial".into()));
+        }
+        let flags = injection::RESOURCE_FLAGS;
+        webhook.resources.check_as(flags).map_err(StartError::Webhook)?;
+    }
     let metrics = Arc::new(Metrics::new());
     let configs = Arc::new(ConfigStore::default());
 
@@ -160,7 +192,7 @@ pub async fn start(client: Client, mut config: OperatorConfig) -> Result<Running
             let certs = CertsConfig::new(lease_namespace.clone(), service.dns_names.clone());
             let certificates = Certificates::start(client.clone(), certs, metrics.clone(), stop.clone()).await?;
             config.options.gateway_control =
-                service.gateway_url.clone().map(|url| GatewayControl { url, ca_pem: certificates.ca_pem() });
+                service.pod_url.clone().map(|url| GatewayControl { url, ca_pem: certificates.ca_pem() });
             Some(certificates)
         }
         None => None,
@@ -219,6 +251,43 @@ pub async fn start(client: Client, mut config: OperatorConfig) -> Result<Running
         }
         tasks.push(tokio::spawn(config::serve(socket, certificates.server_config(), shared)));
     }
+    if let (Some(webhook), Some(socket), Some(certificates), Some(pod_url)) =
+        (config.webhook, webhook_socket, &certificates, pod_url)
+    {
+        let ca_pem = certificates.ca_pem();
+        let sidecar = Sidecar {
+            image: webhook.image,
+            control_plane: pod_url,
+            ca_pem: ca_pem.clone(),
+            resources: webhook.resources,
+        };
+        let injector = Injector::new(
+            sidecar,
+            client.clone(),
+            cache.resources().clone(),
+            &lease_namespace,
+            reconcile::recorder(client.clone(), &identity),
+            metrics.clone(),
+        );
+        if let Some(address) = webhook_address {
+            tracing::info!(address = %format!("https://{address}{}", webhook::PATH), "injection webhook listening");
+        }
+        tasks.push(tokio::spawn(webhook::serve(
+            socket,
+            certificates.server_config(),
+            Arc::new(injector),
+            stop.clone(),
+        )));
+        if let Some(name) = webhook.configuration {
+            tasks.push(tokio::spawn(webhook::ca_bundle::keep(
+                client.clone(),
+                name,
+                ca_pem,
+                metrics.clone(),
+                stop.clone(),
+            )));
+        }
+    }
     if let Some(certificates) = certificates {
         tasks.push(tokio::spawn(certificates.stopped()));
     }
@@ -263,5 +332,16 @@ pub async fn start(client: Client, mut config: OperatorConfig) -> Result<Running
         let app = telemetry::router(health.clone());
         tasks.push(tokio::spawn(telemetry::serve(socket, app, telemetry::HttpLimits::default(), controller_done)));
     }
-    Ok(Running { metrics, configs, leadership, http_address, config_service_address, registry, health, stop, tasks })
+    Ok(Running {
+        metrics,
+        configs,
+        leadership,
+        http_address,
+        config_service_address,
+        webhook_address,
+        registry,
+        health,
+        stop,
+        tasks,
+    })
 }

@@ -34,6 +34,7 @@ fn flags(server: &ControlServer) -> Flags {
         resource: Some(RESOURCE.to_owned()),
         token_file: Some(server.token_file.clone()),
         ca_file: Some(server.ca_file.clone()),
+        ca_pem: None,
         stats_interval: Some("100ms".to_owned()),
         admin_address: Some("127.0.0.1:0".to_owned()),
     }

@@ -14,3 +14,9 @@ pub const INSTANCE_LABEL: &str = "l4proxy.dev/gateway";
 
 /// Ties an EndpointSlice to its Service (set by Kubernetes' EndpointSlice controller).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// On a pod or its namespace: `enabled` asks for the sidecar, `disabled` on the pod refuses it.
+pub const INJECT_LABEL: &str = "l4proxy.dev/inject";
+
+/// On a pod: the `L4Proxy` (in the pod's namespace) whose sidecar it gets, whatever selects it.
+pub const PROXY_ANNOTATION: &str = "l4proxy.dev/proxy";

@@ -1,20 +1,13 @@
 //! Who may subscribe to which resource: the proxy's ServiceAccount token, checked with the
 //! TokenReview API (answers cached for at most [`CACHE_TTL`]), and the rules of the design's
 //! "Identity and trust": the resource is in the token's namespace, and a token bound to a pod
-//! belongs to a pod the resource selects or to one of its gateway pods.
+//! belongs to a pod the resource serves (selects, or is named by) or to one of its gateway pods.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Mutex,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Mutex, time::Duration};
 
-use k8s_openapi::{
-    api::{
-        authentication::v1::{TokenReview, TokenReviewSpec},
-        core::v1::Pod,
-    },
-    apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement},
+use k8s_openapi::api::{
+    authentication::v1::{TokenReview, TokenReviewSpec},
+    core::v1::Pod,
 };
 use kube::{Api, Client, api::PostParams};
 use l4proxy::control::TOKEN_AUDIENCE;
@@ -24,6 +17,7 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::{
     api::{crd::L4Proxy, labels::INSTANCE_LABEL},
     metrics::Metrics,
+    model::selector,
 };
 
 /// How long a TokenReview answer is reused.
@@ -176,11 +170,9 @@ impl Authenticator {
         if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
             return Err(mismatch());
         }
-        let labels = pod.metadata.labels.unwrap_or_default();
         let name = proxy.metadata.name.as_deref().unwrap_or_default();
-        let gateway_pod = labels.get(INSTANCE_LABEL).is_some_and(|g| g == name);
-        let selected = proxy.spec.selector.as_ref().is_some_and(|s| selects(s, &labels));
-        if gateway_pod || selected { Ok(gateway_pod) } else { Err(mismatch()) }
+        let gateway_pod = pod.metadata.labels.as_ref().and_then(|l| l.get(INSTANCE_LABEL)).is_some_and(|g| g == name);
+        if gateway_pod || selector::serves(proxy, &pod.metadata) { Ok(gateway_pod) } else { Err(mismatch()) }
     }
 }
 
@@ -212,29 +204,11 @@ fn identity_of(status: k8s_openapi::api::authentication::v1::TokenReviewStatus) 
     Ok(Identity { namespace: namespace.to_owned(), service_account: service_account.to_owned(), pod })
 }
 
-/// Whether a label selector selects `labels` (matchLabels and matchExpressions, as Kubernetes
-/// evaluates them; an empty selector selects everything).
-pub fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let matched = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
-    matched && selector.match_expressions.iter().flatten().all(|e| expression_holds(e, labels))
-}
-
-fn expression_holds(requirement: &LabelSelectorRequirement, labels: &BTreeMap<String, String>) -> bool {
-    let value = labels.get(&requirement.key);
-    let values = requirement.values.as_deref().unwrap_or_default();
-    match requirement.operator.as_str() {
-        "In" => value.is_some_and(|v| values.contains(v)),
-        "NotIn" => value.is_none_or(|v| !values.contains(v)),
-        "Exists" => value.is_some(),
-        "DoesNotExist" => value.is_none(),
-        // The API server refuses other operators in a stored object.
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
     use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
 
     fn reviewed(username: &str, audiences: &[&str], pod: Option<(&str, &str)>) -> TokenReviewStatus {
@@ -290,26 +264,5 @@ mod tests {
         assert_eq!(invalid.unwrap_err(), Refusal::InvalidToken("expired".into()));
         assert_eq!(Refusal::NoToken.status().code(), tonic::Code::Unauthenticated);
         assert_eq!(Refusal::NotFound("shop/db".into()).status().code(), tonic::Code::NotFound);
-    }
-
-    #[test]
-    fn selectors_match_labels_and_expressions() {
-        let labels = BTreeMap::from([("app".to_owned(), "web".to_owned()), ("tier".to_owned(), "front".to_owned())]);
-        let by_label =
-            LabelSelector { match_labels: Some(BTreeMap::from([("app".into(), "web".into())])), ..Default::default() };
-        assert!(selects(&by_label, &labels));
-        let requirement = |operator: &str, values: &[&str]| LabelSelectorRequirement {
-            key: "tier".into(),
-            operator: operator.into(),
-            values: Some(values.iter().map(|v| (*v).to_owned()).collect()),
-        };
-        let expressions = |r| LabelSelector { match_expressions: Some(vec![r]), ..Default::default() };
-        assert!(selects(&expressions(requirement("In", &["front", "back"])), &labels));
-        assert!(!selects(&expressions(requirement("NotIn", &["front"])), &labels));
-        assert!(selects(&expressions(requirement("Exists", &[])), &labels));
-        assert!(!selects(&expressions(requirement("DoesNotExist", &[])), &labels));
-        let other =
-            LabelSelector { match_labels: Some(BTreeMap::from([("app".into(), "db".into())])), ..Default::default() };
-        assert!(!selects(&other, &labels));
     }
 }

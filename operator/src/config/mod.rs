@@ -4,7 +4,6 @@
 //! ([`session`]); what they report is held in the [`registry`] for the resource's status.
 
 pub mod auth;
-mod listen;
 pub mod registry;
 mod session;
 
@@ -58,7 +57,7 @@ impl l4proxy::control::proto::config_service_server::ConfigService for Service {
 pub async fn serve(socket: TcpListener, tls: Arc<rustls::ServerConfig>, shared: Arc<Shared>) {
     let address = socket.local_addr().ok();
     let shutdown = shared.shutdown.clone();
-    let incoming = listen::tls(socket, tls, shutdown.clone());
+    let incoming = crate::tls::tls("config service", socket, tls, shutdown.clone());
     let service = ConfigServiceServer::new(Service(shared))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

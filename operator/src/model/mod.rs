@@ -5,6 +5,8 @@ pub mod conditions;
 pub mod configs;
 pub mod effective;
 pub mod gateway;
+pub mod injection;
 pub mod proxies;
 pub mod resolve;
+pub mod selector;
 pub mod spec;

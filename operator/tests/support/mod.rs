@@ -64,7 +64,7 @@ pub async fn start_operator_serving(client: &Client, namespace: &str, identity: 
     let service = ConfigServiceConfig {
         address: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         dns_names: vec!["localhost".into()],
-        gateway_url: None,
+        pod_url: None,
         max_proxies: 100,
     };
     let config = operator_config(namespace, identity, Some(service));
@@ -86,6 +86,7 @@ fn operator_config(namespace: &str, identity: &str, config_service: Option<Confi
         http_address: None,
         config_service,
         status_interval: STATUS_INTERVAL,
+        webhook: None,
     }
 }
 

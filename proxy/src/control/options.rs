@@ -43,6 +43,10 @@ pub struct Flags {
     /// --control-plane).
     #[arg(long, env = "L4PROXY_CA_FILE", value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// The same CA inline, as PEM text, instead of --ca-file (an injected sidecar gets it so:
+    /// the CA's ConfigMap is in the operator's namespace, not the pod's).
+    #[arg(long, env = "L4PROXY_CA_PEM", value_name = "PEM", conflicts_with = "ca_file", hide_env_values = true)]
+    pub ca_pem: Option<String>,
     /// How often stats are reported to the control plane [default: 10s] (with --control-plane).
     #[arg(long, env = "L4PROXY_STATS_INTERVAL", value_name = "DURATION")]
     pub stats_interval: Option<String>,
@@ -117,6 +121,7 @@ impl Flags {
                 ("--resource", self.resource.is_some()),
                 ("--token-file", self.token_file.is_some()),
                 ("--ca-file", self.ca_file.is_some()),
+                ("--ca-pem", self.ca_pem.is_some()),
                 ("--stats-interval", self.stats_interval.is_some()),
                 ("--admin-address", self.admin_address.is_some()),
             ];
@@ -129,12 +134,20 @@ impl Flags {
             required("--resource", self.resource)?.parse().map_err(|why| ConfigError::invalid("--resource", why))?;
         let token_file = required("--token-file", self.token_file)?;
         token::bearer(&token_file).await.map_err(|e| ConfigError::invalid("--token-file", e.to_string()))?;
-        let ca_file = required("--ca-file", self.ca_file)?;
-        let ca = tokio::fs::read(&ca_file)
-            .await
-            .map_err(|e| ConfigError::invalid("--ca-file", format!("cannot read {}: {e}", ca_file.display())))?;
-        let tls =
-            trusting(&ca).map_err(|why| ConfigError::invalid("--ca-file", format!("{}: {why}", ca_file.display())))?;
+        let tls = match (self.ca_file, self.ca_pem) {
+            (Some(_), Some(_)) => return Err(ConfigError::invalid("--ca-pem", "cannot be given with --ca-file")),
+            (None, Some(pem)) => trusting(pem.as_bytes()).map_err(|why| ConfigError::invalid("--ca-pem", why))?,
+            (Some(ca_file), None) => {
+                let ca = tokio::fs::read(&ca_file).await.map_err(|e| {
+                    ConfigError::invalid("--ca-file", format!("cannot read {}: {e}", ca_file.display()))
+                })?;
+                trusting(&ca)
+                    .map_err(|why| ConfigError::invalid("--ca-file", format!("{}: {why}", ca_file.display())))?
+            }
+            (None, None) => {
+                return Err(ConfigError::invalid("--ca-file", "(or --ca-pem) is required with --control-plane"));
+            }
+        };
         let stats_interval = match self.stats_interval {
             Some(text) => {
                 text.parse::<ConfigDuration>().map_err(|why| ConfigError::invalid("--stats-interval", why))?
@@ -277,5 +290,30 @@ mod tests {
         let flags = Flags { control_plane: Some("https://127.0.0.1:1".into()), ..Flags::default() };
         let error = flags.check().await.unwrap_err().to_string();
         assert_eq!(error, "--resource: is required with --control-plane");
+    }
+
+    /// Flags as an injected sidecar gets them: the CA inline, a token in a file.
+    fn inline_ca(ca_pem: &str, ca_file: Option<PathBuf>) -> Flags {
+        let token = std::env::temp_dir().join(format!("l4proxy-options-token-{}", std::process::id()));
+        std::fs::write(&token, "a-token\n").unwrap();
+        Flags {
+            control_plane: Some("https://127.0.0.1:8443".into()),
+            resource: Some("shop/db".into()),
+            token_file: Some(token),
+            ca_pem: Some(ca_pem.into()),
+            ca_file,
+            ..Flags::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_inline_ca_is_trusted_like_a_file_and_a_bad_one_is_refused_naming_the_flag() {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap().cert.pem();
+        let settings = inline_ca(&ca, None).check().await.unwrap().unwrap();
+        assert_eq!(settings.resource.to_string(), "shop/db");
+        let error = inline_ca("hello", None).check().await.unwrap_err().to_string();
+        assert_eq!(error, "--ca-pem: holds no PEM certificate");
+        let both = inline_ca(&ca, Some("/ca.crt".into())).check().await.unwrap_err().to_string();
+        assert_eq!(both, "--ca-pem: cannot be given with --ca-file");
     }
 }

@@ -1,5 +1,6 @@
-//! TLS connections for the config service: accepted on one task, each handshake on its own
-//! (bounded in number and in time), so a slow client never holds up the others.
+//! TLS connections for the config service and the webhook: accepted on one task, each
+//! handshake on its own (bounded in number and in time), so a slow client never holds up the
+//! others.
 
 use std::{io, sync::Arc, time::Duration};
 
@@ -20,6 +21,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The established TLS connections on `socket`, until `stop`.
 pub fn tls(
+    what: &'static str,
     socket: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     stop: CancellationToken,
@@ -38,7 +40,7 @@ pub fn tls(
                 accepted = socket.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
-                        tracing::debug!(%error, "config service accept failed");
+                        tracing::debug!(what, %error, "accept failed");
                         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                         continue;
                     }
@@ -51,8 +53,8 @@ pub fn tls(
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
-                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(error)) => tracing::debug!(what, %peer, %error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(what, %peer, "TLS handshake timed out"),
                 }
             });
         }
