@@ -1,7 +1,8 @@
 # l4proxy: `make test` runs every check CI runs.
 CARGO ?= cargo
 
-.PHONY: test fmt-check clippy crd-check chart-check tools unit-and-integration example demo-check demo demo-down build run crds
+.PHONY: test fmt-check clippy crd-check chart-check tools unit-and-integration example demo-check demo demo-down build run crds \
+	images image-archives
 
 test: fmt-check clippy crd-check chart-check unit-and-integration example demo-check
 
@@ -65,3 +66,28 @@ build:
 run:
 	$(CARGO) run --release -p l4proxy -- run --config examples/quickstart.yaml
 
+# Container images, daemonless (buildah; no Docker engine): static musl release binaries, then
+# images/Containerfile.host around them, tagged localhost/l4proxy:$(IMAGE_TAG) and
+# localhost/l4proxy-operator:$(IMAGE_TAG). Heavy (a release build): not part of `make test`.
+# With Docker, images/Containerfile builds the same images from source instead.
+MUSL_TARGET := x86_64-unknown-linux-musl
+IMAGE_TAG ?= dev
+BUILDAH ?= buildah
+IMAGES := l4proxy l4proxy-operator
+
+images:
+	rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
+	$(CARGO) build --release --target $(MUSL_TARGET) -p l4proxy -p l4proxy-operator
+	for image in $(IMAGES); do \
+		$(BUILDAH) build --quiet -f images/Containerfile.host --target $$image -t localhost/$$image:$(IMAGE_TAG) \
+			target/$(MUSL_TARGET)/release || exit 1; \
+	done
+
+# The images as docker-archive tarballs in target/images/ (for `ctr images import` on a node).
+image-archives: images
+	mkdir -p target/images
+	for image in $(IMAGES); do \
+		rm -f target/images/$$image.tar; \
+		$(BUILDAH) push --quiet localhost/$$image:$(IMAGE_TAG) \
+			docker-archive:target/images/$$image.tar:localhost/$$image:$(IMAGE_TAG) || exit 1; \
+	done
