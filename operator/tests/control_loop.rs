@@ -11,10 +11,7 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{
-    authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::{ConfigMap, ServiceAccount},
-};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
@@ -23,72 +20,6 @@ use l4proxy_operator::{L4Proxy, Running};
 use l4proxy_testenv::{TestNamespace, bins::proxy_binary, free_port, wait_for};
 use serde_json::{Value, json};
 use support::*;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
-
-/// A real upstream on 127.0.0.1 that echoes what it reads.
-async fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    address
-}
-
-/// Connects to `address` and checks one echo round trip; the stream stays open.
-async fn round_trip(address: SocketAddr) -> Option<TcpStream> {
-    let mut stream = TcpStream::connect(address).await.ok()?;
-    ping(&mut stream).await.then_some(stream)
-}
-
-async fn ping(stream: &mut TcpStream) -> bool {
-    let mut reply = [0u8; 4];
-    stream.write_all(b"ping").await.is_ok()
-        && matches!(tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut reply)).await, Ok(Ok(_)))
-        && &reply == b"ping"
-}
-
-/// A minimal HTTP/1.0 GET: (status, body).
-async fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(address).await.ok()?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let code = response.split(' ').nth(1)?.parse().ok()?;
-    Some((code, response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
-}
-
-/// A ServiceAccount token for `account` in `namespace`, with `audience`.
-async fn token(client: &Client, namespace: &str, account: &str, audience: &str) -> String {
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let account_object = ServiceAccount {
-        metadata: kube::api::ObjectMeta { name: Some(account.into()), ..Default::default() },
-        ..Default::default()
-    };
-    match accounts.create(&PostParams::default(), &account_object).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => panic!("creating ServiceAccount {account}: {e}"),
-    }
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec![audience.into()]),
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let issued = accounts.create_token_request(account, &PostParams::default(), &request).await.expect("a token");
-    issued.status.and_then(|s| s.token).expect("a token in the answer")
-}
 
 /// Everything one test needs: a namespace, a leading operator serving proxies, its CA on disk.
 struct Env {

@@ -2,6 +2,8 @@
 //! with short lease timings, and readers for status and conditions.
 #![allow(dead_code)] // each test binary uses a different subset
 
+mod net;
+
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -11,6 +13,9 @@ use kube::{
 };
 use l4proxy_operator::{ConfigServiceConfig, L4Proxy, OperatorConfig, Running, lease::LeaseConfig, reconcile::Options};
 use l4proxy_testenv::{ControlPlane, TestNamespace, wait_for};
+
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use net::*;
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -119,13 +124,24 @@ pub fn condition(proxy: &L4Proxy, type_: &str) -> Option<(String, String, String
     Some((c.status.clone(), c.reason.clone(), c.message.clone(), c.observed_generation))
 }
 
-/// Waits until `name`'s status satisfies `check` and returns the resource.
+/// Waits until `name`'s status satisfies `check` and returns the resource; on timeout, the
+/// panic shows the last status seen.
 pub async fn wait_status(api: &Api<L4Proxy>, name: &str, what: &str, check: impl Fn(&L4Proxy) -> bool) -> L4Proxy {
-    wait_for(what, TIMEOUT, || async {
-        let proxy = api.get(name).await.ok()?;
-        check(&proxy).then_some(proxy)
-    })
-    .await
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut last = None;
+    loop {
+        if let Ok(Ok(proxy)) = tokio::time::timeout_at(deadline, api.get(name)).await {
+            if check(&proxy) {
+                return proxy;
+            }
+            last = Some(proxy.status);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let last = serde_json::to_string_pretty(&last).unwrap_or_default();
+            panic!("timed out after {TIMEOUT:?} waiting for {what} of {name}; last status: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Whether `type_` is `status` for the resource's current generation.
