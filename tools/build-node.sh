@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Build the pinned node binaries of the single-node test cluster (tests/cluster):
+# kubelet, kube-controller-manager, kube-scheduler, kube-proxy (tools/node, the
+# same k8s.io/kubernetes version as tools/kube), containerd, its runc v2 shim
+# and ctr (tools/containerd), and the pod sandbox ("pause") image, compiled
+# from kubernetes' build/pause/linux/pause.c and packaged FROM scratch with
+# buildah. Everything goes to a cache directory outside the repository, like
+# tools/build.sh; the directory is printed as the last line of stdout (logs go
+# to stderr). It holds bin/ and images/pause.tar (a docker-archive for
+# `ctr images import`, tagged $pause_image below).
+#
+#   tools/build-node.sh              build if needed, print the DIR (DIR/bin, DIR/images)
+#   tools/build-node.sh --print-dir  print the DIR this checkout would use, build nothing
+#
+# Cache: ${L4PROXY_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/l4proxy-tools}/node-<key>
+# where <key> is a sha256 prefix over the go.mod, go.sum and *.go files of
+# tools/{node,containerd}, the ldflags and tags below, the pause recipe,
+# `go version`, `gcc --version` and GOOS/GOARCH. Atomic and locked like
+# tools/build.sh (tools/lib/cache.sh holds the shared parts).
+#
+# runc and the CNI plugins come from Debian's packages (runc,
+# containernetworking-plugins), not from here: see tools/README.md.
+#
+# Environment:
+#   L4PROXY_TOOLS_CACHE          cache root (default ~/.cache/l4proxy-tools)
+#   L4PROXY_TOOLS_BUILD_TIMEOUT  timeout per `go build` (default 40m)
+#   GO                           go command (default: go on PATH, else /usr/local/go/bin/go)
+#   BUILDAH                      buildah command (default: buildah)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+log() { echo "tools/build-node.sh: $*" >&2; }
+# shellcheck source=tools/lib/cache.sh
+source "$here/lib/cache.sh"
+
+print_only=0
+case "${1-}" in
+    "") ;;
+    --print-dir) print_only=1 ;;
+    -h | --help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+        exit 0
+        ;;
+    *)
+        log "unknown argument: $1 (usage: tools/build-node.sh [--print-dir])"
+        exit 2
+        ;;
+esac
+
+find_go
+BUILDAH=${BUILDAH:-buildah}
+
+# --- pinned versions and flags ------------------------------------------------------
+# Kept equal to tools/build.sh's (the API server's) stamping.
+kube_version=v1.37.2
+kube_major=1
+kube_minor=37
+kube_build_date=2026-10-27T12:01:04Z # time of the v1.37.2 tag (proxy.golang.org .info)
+containerd_version=v2.4.2
+pause_version=3.10.2 # kubernetes' build/pause/Makefile TAG at v1.37.2
+pause_image=localhost/pause:$pause_version-l4proxy
+
+kube_ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    kube_ldflags+=" -X $pkg.gitVersion=$kube_version"
+    kube_ldflags+=" -X $pkg.gitMajor=$kube_major"
+    kube_ldflags+=" -X $pkg.gitMinor=$kube_minor"
+    kube_ldflags+=" -X $pkg.gitTreeState=clean"
+    kube_ldflags+=" -X $pkg.buildDate=$kube_build_date"
+done
+
+# What containerd's Makefile sets; Revision stays empty (the module proxy does
+# not tell the commit). With CGO_ENABLED=0 the btrfs snapshotter (cgo only) is
+# left out by its own build constraints; the shim gets no_grpc like upstream's.
+containerd_pkg=github.com/containerd/containerd/v2
+containerd_ldflags="-s -w -X $containerd_pkg/version.Version=$containerd_version"
+containerd_ldflags+=" -X $containerd_pkg/version.Revision= -X $containerd_pkg/version.Package=$containerd_pkg"
+containerd_tags=urfave_cli_no_docs
+shim_tags="urfave_cli_no_docs no_grpc"
+
+# kubernetes' build/pause/Makefile: CFLAGS = -Os -Wall -Werror -static -DVERSION=v$(TAG)-$(REV)
+pause_cflags="-Os -Wall -Werror -static -DVERSION=v$pause_version-l4proxy"
+
+# --- cache key --------------------------------------------------------------------
+goos=$("$GO" env GOOS)
+goarch=$("$GO" env GOARCH)
+key=$(
+    {
+        "$GO" version
+        gcc --version | head -n 1
+        echo "$goos/$goarch"
+        echo "kube: $kube_ldflags"
+        echo "containerd: $containerd_ldflags tags=$containerd_tags shim=$shim_tags"
+        echo "pause: $pause_cflags $pause_image FROM scratch ENTRYPOINT /pause USER 65535:65535"
+        cd "$here"
+        for f in node/go.mod node/go.sum node/*.go containerd/go.mod containerd/go.sum containerd/*.go; do
+            echo "== $f"
+            cat "$f"
+        done
+    } | sha256sum | cut -c1-16
+)
+
+cache_root=${L4PROXY_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/l4proxy-tools}
+dest=$cache_root/node-$key
+outputs=(bin/kubelet bin/kube-controller-manager bin/kube-scheduler bin/kube-proxy
+    bin/containerd bin/containerd-shim-runc-v2 bin/ctr bin/pause images/pause.tar images/pause.ref)
+
+if ((print_only)); then
+    echo "$dest"
+    exit 0
+fi
+cache_begin "$dest" # exits 0 printing $dest when it is complete
+mkdir -p "$tmp/bin" "$tmp/images"
+
+# The image is built from the compiled binary alone, in a scratch working container.
+build_pause_image() {
+    local src ctr
+    src=$(cd "$here/node" && "$GO" list -mod=readonly -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c
+    log "compiling pause from $src"
+    gcc $pause_cflags -o "$tmp/bin/pause" "$src"
+    log "packaging $pause_image with buildah"
+    ctr=$("$BUILDAH" from --quiet scratch)
+    "$BUILDAH" copy --quiet "$ctr" "$tmp/bin/pause" /pause > /dev/null
+    "$BUILDAH" config --entrypoint '["/pause"]' --user 65535:65535 \
+        --label org.opencontainers.image.title=pause "$ctr"
+    "$BUILDAH" commit --quiet --rm "$ctr" "$pause_image" > /dev/null
+    "$BUILDAH" push --quiet "$pause_image" "docker-archive:$tmp/images/pause.tar:$pause_image"
+    echo "$pause_image" > "$tmp/images/pause.ref"
+}
+
+all_start=$(date +%s)
+build_pause_image
+export CGO_ENABLED=0
+gobuild node kubelet "$kube_ldflags" "" k8s.io/kubernetes/cmd/kubelet
+gobuild node kube-proxy "$kube_ldflags" "" k8s.io/kubernetes/cmd/kube-proxy
+gobuild node kube-scheduler "$kube_ldflags" "" k8s.io/kubernetes/cmd/kube-scheduler
+gobuild node kube-controller-manager "$kube_ldflags" "" k8s.io/kubernetes/cmd/kube-controller-manager
+gobuild containerd containerd "$containerd_ldflags" "$containerd_tags" $containerd_pkg/cmd/containerd
+gobuild containerd containerd-shim-runc-v2 "$containerd_ldflags" "$shim_tags" $containerd_pkg/cmd/containerd-shim-runc-v2
+gobuild containerd ctr "$containerd_ldflags" "$containerd_tags" $containerd_pkg/cmd/ctr
+cache_commit
+log "built all in $(($(date +%s) - all_start))s: $dest"
+echo "$dest"
