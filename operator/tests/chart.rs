@@ -234,15 +234,19 @@ async fn helm_installed_operator_injects_sidecars_that_subscribe_and_carry_traff
     })
     .await;
     let webhooks: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
-    wait_for("the CA in both webhooks' caBundle", TIMEOUT, || async {
+    let bundled = || async {
         let configuration = webhooks.get(FULLNAME).await.ok()?;
         let all = configuration.webhooks?.iter().all(|w| {
             w.client_config.ca_bundle.as_ref().is_some_and(|b| b.0 == ca.as_bytes())
                 && w.client_config.url.as_deref() == Some(&format!("https://127.0.0.1:{webhook_port}/inject"))
         });
         all.then_some(())
-    })
-    .await;
+    };
+    wait_for("the CA in both webhooks' caBundle", TIMEOUT, bundled).await;
+    // ... and kept there: a bundle changed behind its back is written again.
+    let other = json!({ "webhooks": [{ "name": "pod.inject.l4proxy.dev", "clientConfig": { "caBundle": "T1RIRVI=" } }] });
+    webhooks.patch(FULLNAME, &PatchParams::default(), &Patch::Strategic(&other)).await.unwrap();
+    wait_for("the CA written back into caBundle", TIMEOUT, bundled).await;
 
     // 3. An app namespace with a resource that selects app=web (and a gateway: the operator's
     //    Deployment, Service and ConfigMap rights are exercised too).
