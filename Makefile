@@ -73,11 +73,11 @@ run:
 MUSL_TARGET := x86_64-unknown-linux-musl
 IMAGE_TAG ?= dev
 BUILDAH ?= buildah
-IMAGES := l4proxy l4proxy-operator
+IMAGES := l4proxy l4proxy-operator l4proxy-echo
 
 images:
 	rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
-	$(CARGO) build --release --target $(MUSL_TARGET) -p l4proxy -p l4proxy-operator
+	$(CARGO) build --release --target $(MUSL_TARGET) -p l4proxy -p l4proxy-operator -p l4proxy-echo
 	for image in $(IMAGES); do \
 		$(BUILDAH) build --quiet -f images/Containerfile.host --target $$image -t localhost/$$image:$(IMAGE_TAG) \
 			target/$(MUSL_TARGET)/release || exit 1; \
