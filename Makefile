@@ -1,10 +1,14 @@
 # l4proxy: `make test` runs every check CI runs.
 CARGO ?= cargo
 
-.PHONY: test fmt-check clippy crd-check chart-check tools unit-and-integration example demo-check demo demo-down build run crds \
+.PHONY: test shellcheck fmt-check clippy crd-check chart-check tools unit-and-integration example demo-check demo demo-down build run crds \
 	images image-archives
 
-test: fmt-check clippy crd-check chart-check unit-and-integration example demo-check
+test: fmt-check clippy crd-check chart-check shellcheck unit-and-integration example demo-check
+
+# The kind script runs where CI cannot (Docker): it is at least checked here.
+shellcheck:
+	shellcheck tests/kind/e2e.sh
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
