@@ -6,6 +6,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write as _;
+use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +28,9 @@ pub(crate) struct PkiFiles {
     pub(crate) serving_key: PathBuf,
     pub(crate) service_account_key: PathBuf,
     pub(crate) service_account_pub: PathBuf,
+    /// The admin client cert, also what kube-apiserver presents to a kubelet.
+    pub(crate) admin_cert: PathBuf,
+    pub(crate) admin_key: PathBuf,
 }
 
 /// The admin identity (CN=admin, O=system:masters) in the encodings its two users need.
@@ -45,15 +49,16 @@ pub(crate) struct Pki {
     pub(crate) admin: AdminCredentials,
 }
 
-/// Generates the PKI and writes it to `dir` (created if needed).
-pub(crate) fn generate(dir: &Path) -> Result<Pki> {
+/// Generates the PKI and writes it to `dir` (created if needed); `extra_ips` are added to the
+/// serving cert's names (a node's address, the `kubernetes` Service's ClusterIP).
+pub(crate) fn generate(dir: &Path, extra_ips: &[Ipv4Addr]) -> Result<Pki> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (ca_params, ca_key) = ca_params()?;
     let ca_cert = ca_params.self_signed(&ca_key).context("self-signing the CA")?;
     let ca = Issuer::new(ca_params, ca_key);
 
     let serving_key = KeyPair::generate()?;
-    let serving_cert = serving_params()?.signed_by(&serving_key, &ca).context("signing the serving cert")?;
+    let serving_cert = serving_params(extra_ips)?.signed_by(&serving_key, &ca).context("signing the serving cert")?;
     let admin_key = KeyPair::generate()?;
     let admin_cert = admin_params()?.signed_by(&admin_key, &ca).context("signing the admin cert")?;
     let service_account_key = KeyPair::generate()?;
@@ -64,10 +69,10 @@ pub(crate) fn generate(dir: &Path) -> Result<Pki> {
         serving_key: write(dir, "apiserver.key", &serving_key.serialize_pem(), true)?,
         service_account_key: write(dir, "sa.key", &service_account_key.serialize_pem(), true)?,
         service_account_pub: write(dir, "sa.pub", &service_account_key.public_key_pem(), false)?,
+        // Also handy for curl by hand; the library itself uses the in-memory copies.
+        admin_cert: write(dir, "admin.crt", &admin_cert.pem(), false)?,
+        admin_key: write(dir, "admin.key", &admin_key.serialize_pem(), true)?,
     };
-    // Handy for curl by hand; the library itself uses the in-memory copies.
-    write(dir, "admin.crt", &admin_cert.pem(), false)?;
-    write(dir, "admin.key", &admin_key.serialize_pem(), true)?;
 
     let admin = AdminCredentials {
         ca_cert_pem: ca_cert.pem(),
@@ -88,8 +93,9 @@ fn ca_params() -> Result<(CertificateParams, KeyPair)> {
     Ok((params, KeyPair::generate()?))
 }
 
-fn serving_params() -> Result<CertificateParams> {
-    let names: Vec<String> = SERVING_NAMES.iter().map(|name| name.to_string()).collect();
+fn serving_params(extra_ips: &[Ipv4Addr]) -> Result<CertificateParams> {
+    let mut names: Vec<String> = SERVING_NAMES.iter().map(|name| name.to_string()).collect();
+    names.extend(extra_ips.iter().map(Ipv4Addr::to_string));
     let mut params = CertificateParams::new(names)?;
     params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];

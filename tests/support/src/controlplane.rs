@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::io;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::sync::{Mutex, MutexGuard};
@@ -42,11 +43,41 @@ pub struct StartOptions {
     pub ready_timeout: Duration,
     /// Where etcd, kube-apiserver and kubectl are; `None` means [`bins::locate`].
     pub bin_dir: Option<PathBuf>,
+    /// Serve a real node (tests/cluster) instead of loopback only; `None` (the default) keeps the
+    /// API server on 127.0.0.1 with no ServiceAccount admission.
+    pub node: Option<NodeNetwork>,
+}
+
+/// The addresses of a control plane that a kubelet and its pods use.
+///
+/// kube-apiserver binds to and advertises [`NodeNetwork::address`] (the node's address on the
+/// test bridge, so pods reach it through the `kubernetes` Service), allocates ClusterIPs from
+/// the Service CIDR, admits pods with their ServiceAccount (a controller-manager is expected
+/// to create them) and presents the admin client cert to kubelets. The serving cert also
+/// names the node address and the `kubernetes` Service's ClusterIP.
+#[derive(Clone, Debug)]
+pub struct NodeNetwork {
+    pub address: Ipv4Addr,
+    /// The Service CIDR's network address and prefix length, e.g. `10.96.0.0` and 16.
+    pub service_network: Ipv4Addr,
+    pub service_prefix: u8,
+}
+
+impl NodeNetwork {
+    /// The first address of the Service CIDR: the `kubernetes` Service's ClusterIP.
+    pub fn kubernetes_service_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.service_network) + 1)
+    }
+
+    /// `network/prefix`, as kube-apiserver's `--service-cluster-ip-range` wants it.
+    pub fn service_cidr(&self) -> String {
+        format!("{}/{}", self.service_network, self.service_prefix)
+    }
 }
 
 impl Default for StartOptions {
     fn default() -> Self {
-        StartOptions { detached: false, ready_timeout: Duration::from_secs(60), bin_dir: None }
+        StartOptions { detached: false, ready_timeout: Duration::from_secs(60), bin_dir: None, node: None }
     }
 }
 
@@ -103,12 +134,14 @@ impl ControlPlane {
         };
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let dir = std::path::absolute(dir)?;
-        let pki = certs::generate(&dir.join("pki"))?;
+        let extra_ips: Vec<Ipv4Addr> =
+            options.node.iter().flat_map(|node| [node.address, node.kubernetes_service_ip()]).collect();
+        let pki = certs::generate(&dir.join("pki"), &extra_ips)?;
         let launcher = Launcher { dir: &dir, bin_dir: &bin_dir, probe: TlsProbe::new(&pki.admin)?, pki: &pki, options };
         let (components, ports) = launcher.run()?;
         Ok(ControlPlane {
             kubeconfig: dir.join("kubeconfig"),
-            server_url: server_url(ports),
+            server_url: launcher.server_url(ports),
             dir,
             bin_dir,
             components: Mutex::new(components),
@@ -208,9 +241,6 @@ impl Drop for ControlPlane {
     }
 }
 
-fn server_url(ports: Ports) -> String {
-    format!("https://127.0.0.1:{}", ports.apiserver)
-}
 
 /// `l4proxy-cp-<pid>-<n>` under the system temp dir; a leftover from an earlier process that
 /// had the same pid is removed first.
@@ -266,7 +296,7 @@ impl Launcher<'_> {
         let mut lost_race = None;
         for _ in 0..START_ATTEMPTS {
             let ports = ports::pick().context("picking free loopback ports")?;
-            kubeconfig::write(self.dir, &server_url(ports), &self.pki.admin)?;
+            kubeconfig::write(self.dir, &self.server_url(ports), &self.pki.admin)?;
             match self.attempt(ports) {
                 Ok(components) => return Ok((components, ports)),
                 Err(AttemptError::PortRace(err)) => lost_race = Some(err),
@@ -314,7 +344,8 @@ impl Launcher<'_> {
         })?;
         running.push(self.spawn("kube-apiserver", self.apiserver_args(ports))?);
         self.record(running)?;
-        wait_ready(running, deadline, || self.probe.status(ports.apiserver, "/readyz").is_ok_and(|code| code == 200))
+        let host = self.apiserver_host();
+        wait_ready(running, deadline, || self.probe.status(host, ports.apiserver, "/readyz").is_ok_and(|code| code == 200))
     }
 
     fn spawn(&self, name: &'static str, args: Vec<String>) -> Result<Component> {
@@ -337,6 +368,15 @@ impl Launcher<'_> {
         }
         let pids: Vec<(&str, u32)> = running.iter().map(|component| (component.name(), component.pid())).collect();
         recorded::write(self.dir, &pids)
+    }
+
+    /// Loopback, or the node's address when serving a node.
+    fn apiserver_host(&self) -> Ipv4Addr {
+        self.options.node.as_ref().map_or(Ipv4Addr::LOCALHOST, |node| node.address)
+    }
+
+    fn server_url(&self, ports: Ports) -> String {
+        format!("https://{}:{}", self.apiserver_host(), ports.apiserver)
     }
 
     fn etcd_data_dir(&self) -> PathBuf {
@@ -362,14 +402,12 @@ impl Launcher<'_> {
     fn apiserver_args(&self, ports: Ports) -> Vec<String> {
         let files = &self.pki.files;
         let path = |path: &Path| path.display().to_string();
-        vec![
+        let host = self.apiserver_host();
+        let mut args = vec![
             format!("--etcd-servers=http://127.0.0.1:{}", ports.etcd_client),
             format!("--secure-port={}", ports.apiserver),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            // The lease reconciler rejects a loopback advertise address; nothing here needs the
-            // `kubernetes` Service's endpoints anyway.
-            "--endpoint-reconciler-type=none".into(),
+            format!("--bind-address={host}"),
+            format!("--advertise-address={host}"),
             format!("--cert-dir={}", path(&self.dir.join("pki/generated"))),
             format!("--tls-cert-file={}", path(&files.serving_cert)),
             format!("--tls-private-key-file={}", path(&files.serving_key)),
@@ -377,12 +415,27 @@ impl Launcher<'_> {
             format!("--service-account-key-file={}", path(&files.service_account_pub)),
             format!("--service-account-signing-key-file={}", path(&files.service_account_key)),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
             "--authorization-mode=RBAC".into(),
-            // No controller-manager creates service accounts, so pods would be rejected.
-            "--disable-admission-plugins=ServiceAccount".into(),
             "--allow-privileged=true".into(),
-        ]
+        ];
+        match &self.options.node {
+            None => args.extend([
+                // The lease reconciler rejects a loopback advertise address; nothing here needs
+                // the `kubernetes` Service's endpoints anyway.
+                "--endpoint-reconciler-type=none".into(),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                // No controller-manager creates service accounts, so pods would be rejected.
+                "--disable-admission-plugins=ServiceAccount".into(),
+            ]),
+            Some(node) => args.extend([
+                format!("--service-cluster-ip-range={}", node.service_cidr()),
+                // For logs, exec and port-forward; the kubelet trusts the test CA's clients.
+                format!("--kubelet-client-certificate={}", path(&files.admin_cert)),
+                format!("--kubelet-client-key={}", path(&files.admin_key)),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+            ]),
+        }
+        args
     }
 }
 

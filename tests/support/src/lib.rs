@@ -36,7 +36,7 @@ mod sys;
 use std::future::Future;
 use std::time::Duration;
 
-pub use controlplane::{ControlPlane, STOP_GRACE, StartOptions};
+pub use controlplane::{ControlPlane, NodeNetwork, STOP_GRACE, StartOptions};
 pub use namespace::{TEST_NAMESPACE_LABEL, TestNamespace};
 pub use ports::free_port;
 

@@ -46,16 +46,20 @@ impl TlsProbe {
     }
 
     /// GETs `path` from `https://127.0.0.1:port` and returns the status code.
-    pub(crate) fn status(&self, port: u16, path: &str) -> io::Result<u16> {
-        let server_name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+    pub(crate) fn status(&self, host: Ipv4Addr, port: u16, path: &str) -> io::Result<u16> {
+        let server_name = ServerName::IpAddress(host.into());
         let connection = ClientConnection::new(self.config.clone(), server_name).map_err(io::Error::other)?;
-        let mut stream = StreamOwned::new(connection, connect(port)?);
+        let mut stream = StreamOwned::new(connection, connect_to(host, port)?);
         request_status(&mut stream, port, path)
     }
 }
 
 fn connect(port: u16) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), IO_TIMEOUT)?;
+    connect_to(Ipv4Addr::LOCALHOST, port)
+}
+
+fn connect_to(host: Ipv4Addr, port: u16) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&SocketAddr::from((host, port)), IO_TIMEOUT)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     Ok(stream)
