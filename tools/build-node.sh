@@ -117,6 +117,7 @@ build_pause_image() {
     local src ctr
     src=$(cd "$here/node" && "$GO" list -mod=readonly -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c
     log "compiling pause from $src"
+    # shellcheck disable=SC2086 # the flags are words
     gcc $pause_cflags -o "$tmp/bin/pause" "$src"
     log "packaging $pause_image with buildah"
     ctr=$("$BUILDAH" from --quiet scratch)

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034 # the constants are used by the scripts that source this
 # Shared by tests/cluster/{up,down,load-image} (sourced, not run): the node's fixed names and
 # addresses, the layout of DIR, and the cleanup that `down` runs and `up` runs first when it
 # finds leftovers.
@@ -95,7 +96,7 @@ drop_rules() {
 
 # Stops and removes everything a node in $dir made (idempotent; also after a crashed `up`).
 cleanup() {
-    local pid mnt cg ns
+    local pid mnt ns
     # Agents first, so nothing recreates pods, rules or the node while the rest goes.
     [[ -s $agents_dir/pids ]] && controlplane down "$agents_dir"
     # Containers: kill every task through containerd while it still runs, so the shims exit.
@@ -110,7 +111,7 @@ cleanup() {
     local deadline=$((SECONDS + 20)) pids
     while pids=$(stray_pids | sort -u) && [[ -n $pids ]]; do
         for pid in $pids; do kill -KILL "$pid" 2> /dev/null || true; done
-        ((SECONDS < deadline)) || die "processes of the node survive SIGKILL: $(echo $pids)"
+        ((SECONDS < deadline)) || die "processes of the node survive SIGKILL: ${pids//$'\n'/ }"
         sleep 0.2 # poll interval of a loop with a deadline
     done
     [[ -s $dir/pids ]] && controlplane down "$dir"

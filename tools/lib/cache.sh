@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2154 # $here and $outputs come from the caller
 # Shared by tools/build*.sh (sourced, not run): find the go toolchain, and build
 # into a cache directory atomically under a lock.
 #
