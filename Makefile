@@ -1,14 +1,23 @@
 # l4proxy: `make test` runs every check CI runs.
 CARGO ?= cargo
 
-.PHONY: test shellcheck fmt-check clippy crd-check chart-check tools unit-and-integration example demo-check demo demo-down build run crds \
+.PHONY: test shellcheck e2e e2e-if-able fmt-check clippy crd-check chart-check tools unit-and-integration example demo-check demo demo-down build run crds \
 	images image-archives
 
 test: fmt-check clippy crd-check chart-check shellcheck unit-and-integration example demo-check
 
-# The kind script runs where CI cannot (Docker): it is at least checked here.
+# The kind script runs where CI cannot (Docker): it is at least checked here, with the e2e driver.
 shellcheck:
-	shellcheck tests/kind/e2e.sh
+	shellcheck tests/kind/e2e.sh tests/e2e/run
+
+# The end-to-end tier: a real node on this machine (tests/cluster), the images built here, the
+# suite in tests/e2e, the node removed after. `make test` runs it where the machine allows
+# (root, network namespaces) and says loudly why it skipped it elsewhere.
+e2e:
+	tests/e2e/run
+
+e2e-if-able:
+	tests/e2e/run --if-able
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -78,20 +87,22 @@ MUSL_TARGET := x86_64-unknown-linux-musl
 IMAGE_TAG ?= dev
 BUILDAH ?= buildah
 IMAGES := l4proxy l4proxy-operator l4proxy-echo
+# Where cargo builds (CARGO_TARGET_DIR may put it outside the repo, as .ci/run does).
+TARGET_DIR = $(shell $(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
 images:
 	rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
 	$(CARGO) build --release --target $(MUSL_TARGET) -p l4proxy -p l4proxy-operator -p l4proxy-echo
 	for image in $(IMAGES); do \
 		$(BUILDAH) build --quiet -f images/Containerfile.host --target $$image -t localhost/$$image:$(IMAGE_TAG) \
-			target/$(MUSL_TARGET)/release || exit 1; \
+			$(TARGET_DIR)/$(MUSL_TARGET)/release || exit 1; \
 	done
 
-# The images as docker-archive tarballs in target/images/ (for `ctr images import` on a node).
+# The images as docker-archive tarballs in $(TARGET_DIR)/images/ (for `ctr images import` on a node).
 image-archives: images
-	mkdir -p target/images
+	mkdir -p $(TARGET_DIR)/images
 	for image in $(IMAGES); do \
-		rm -f target/images/$$image.tar; \
+		rm -f $(TARGET_DIR)/images/$$image.tar; \
 		$(BUILDAH) push --quiet localhost/$$image:$(IMAGE_TAG) \
-			docker-archive:target/images/$$image.tar:localhost/$$image:$(IMAGE_TAG) || exit 1; \
+			docker-archive:$(TARGET_DIR)/images/$$image.tar:localhost/$$image:$(IMAGE_TAG) || exit 1; \
 	done
