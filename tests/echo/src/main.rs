@@ -11,12 +11,16 @@
 //!   completed an echo round trip, then round-trips on each every second for SECONDS; exit 1
 //!   (naming the connection) as soon as one fails: an open connection was dropped.
 //!
-//! Every I/O has a 5 s timeout: nothing here hangs a test.
+//! ADDR is `HOST:PORT`, HOST an IP address or a name (`echo.NAMESPACE.svc`: the pod's resolver,
+//! i.e. cluster DNS; the first address it returns is used).
+//!
+//! Every I/O has a 5 s timeout: nothing here hangs a test. (Name resolution is bounded by the
+//! resolver's own timeout, `resolv.conf`'s.)
 
 use std::{
     env,
     io::{self, BufRead, BufReader, Read, Write},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{TcpListener, TcpStream, ToSocketAddrs, UdpSocket},
     process::ExitCode,
     sync::atomic::{AtomicUsize, Ordering},
     thread,
@@ -115,7 +119,11 @@ fn echo(stream: TcpStream, me: &str) -> io::Result<()> {
 }
 
 fn connect(addr: &str) -> Result<TcpStream, String> {
-    let address = addr.parse().map_err(|e| format!("{addr:?} is not ip:port: {e}"))?;
+    let address = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {addr:?} (HOST:PORT): {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))?;
     let stream = TcpStream::connect_timeout(&address, TIMEOUT).map_err(|e| format!("connecting to {addr}: {e}"))?;
     stream
         .set_read_timeout(Some(TIMEOUT))
