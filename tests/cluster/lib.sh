@@ -11,6 +11,8 @@ bridge=l4c0
 pod_cidr=10.88.0.0/16
 node_ip=10.88.0.1 # the bridge's address: node InternalIP, API server, kubelet
 service_cidr=10.96.0.0/16
+dns_ip=10.96.0.10 # the kube-dns Service (CoreDNS), the kubelet's clusterDNS
+cluster_domain=cluster.local
 node_name=l4proxy-node
 cgroup_root=l4proxy-cluster # under every cgroup hierarchy's root
 guard_chain=L4C-GUARD       # mangle FORWARD: nothing forwarded between the bridge and elsewhere
@@ -22,6 +24,44 @@ log() { echo "tests/cluster/$(basename "$0"): $*" >&2; }
 die() {
     log "$*"
     exit 1
+}
+
+# dns_a NAME [SERVER]: one UDP query for NAME's A records to SERVER (default: the kube-dns
+# Service), 1 s timeout; prints the addresses, one a line, and fails unless the answer is
+# NOERROR with at least one. (No dig on these machines: a few lines of python.)
+dns_a() {
+    python3 - "$1" "${2:-$dns_ip}" << 'PY'
+import random, socket, struct, sys
+name, server = sys.argv[1], sys.argv[2]
+qid = random.randrange(1 << 16)
+qname = b"".join(bytes([len(label)]) + label.encode() for label in name.rstrip(".").split("."))
+query = struct.pack(">6H", qid, 0x0100, 1, 0, 0, 0) + qname + b"\0" + struct.pack(">2H", 1, 1)
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(1)
+sock.sendto(query, (server, 53))
+reply = sock.recv(4096)
+rid, flags, qdcount, ancount = struct.unpack(">4H", reply[:8])
+if rid != qid or flags & 0xF:
+    sys.exit(f"{name}: rcode {flags & 0xF}")
+def skip_name(at):  # past a name: labels up to the root, or up to a compression pointer
+    while reply[at] and reply[at] & 0xC0 != 0xC0:
+        at += reply[at] + 1
+    return at + (2 if reply[at] else 1)
+at = 12
+for _ in range(qdcount):
+    at = skip_name(at) + 4
+found = []
+for _ in range(ancount):
+    at = skip_name(at)
+    rtype, _class, _ttl, size = struct.unpack(">2HIH", reply[at:at + 10])
+    at += 10
+    if rtype == 1 and size == 4:
+        found.append(socket.inet_ntoa(reply[at:at + 4]))
+    at += size
+if not found:
+    sys.exit(f"{name}: no A record")
+print("\n".join(found))
+PY
 }
 
 # layout DIR: sets the paths of one node's directory.
@@ -77,7 +117,9 @@ leftovers() {
     for mnt in $(cgroup_mounts); do
         [[ -d $mnt/$cgroup_root ]] && return 0
     done
-    iptables-save 2> /dev/null | grep -qE '^:(KUBE-|CNI-HOSTPORT|CNI-DN-|L4C-)' && return 0
+    # grep without -q reads all of its input: `grep -q` would exit at the first match and make
+    # a long iptables-save die of SIGPIPE, which pipefail turns into "no match".
+    iptables-save 2> /dev/null | grep -E '^:(KUBE-|CNI-HOSTPORT|CNI-DN-|L4C-)' > /dev/null && return 0
     return 1
 }
 
@@ -88,7 +130,8 @@ drop_rules() {
     local save=$1 restore=$2 table
     command -v "$save" > /dev/null || return 0
     for table in filter nat mangle raw; do
-        "$save" -t "$table" 2> /dev/null | grep -qE '(KUBE-|CNI-HOSTPORT|CNI-DN-|L4C-)' || continue
+        # Not `grep -q`: see leftovers.
+        "$save" -t "$table" 2> /dev/null | grep -E '(KUBE-|CNI-HOSTPORT|CNI-DN-|L4C-)' > /dev/null || continue
         "$save" -t "$table" | grep -vE '^:(KUBE-|CNI-HOSTPORT|CNI-DN-|L4C-)|-j (KUBE-|CNI-HOSTPORT|CNI-DN-|L4C-)|^-A (KUBE-|CNI-HOSTPORT|CNI-DN-|L4C-)' |
             "$restore" -T "$table" || log "could not clean $save -t $table"
     done
