@@ -284,7 +284,7 @@ async fn chart_sidecars_and_gateways_on_a_real_cluster() {
     ];
     ok("helm install", cluster.run(&cluster.helm, &install).await);
     let operator_pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NS);
-    let selector = "app.kubernetes.io/name=l4proxy,app.kubernetes.io/component=operator";
+    let selector = "app.kubernetes.io/name=l4proxy-operator,app.kubernetes.io/instance=l4proxy";
     wait_ready_pods(&operator_pods, selector, 2).await;
 
     // 2. A fresh namespace: the echo Deployment (2 replicas) behind a Service.
@@ -305,6 +305,15 @@ async fn chart_sidecars_and_gateways_on_a_real_cluster() {
     // 3. The resource for the client's sidecar, then the client pod: injected, the sidecar
     //    started (its startup probe passed) before the app container.
     apply(&client, &ns, client_resource(json!([listener("echo", SIDECAR_PORT, 512)]))).await;
+    // The webhook answers through its Service once the Service's rules are in place (kube-proxy
+    // follows the endpoints within seconds): a server-side dry run admits the pod through it.
+    let dry_run = PostParams { dry_run: true, ..Default::default() };
+    wait_for("the webhook through its Service (a dry-run pod gets the sidecar)", TIMEOUT, || async {
+        let admitted = pods.create(&dry_run, &client_pod(&cluster)).await.ok()?;
+        let injected = admitted.spec?.init_containers?.iter().any(|c| c.name == "l4proxy");
+        injected.then_some(())
+    })
+    .await;
     pods.create(&PostParams::default(), &client_pod(&cluster)).await.expect("the client pod");
     let client_pod = wait_ready_pods(&pods, "app=client", 1).await.remove(0);
     let inits: Vec<_> =
@@ -336,7 +345,7 @@ async fn chart_sidecars_and_gateways_on_a_real_cluster() {
 
     // 6. N open connections show as poolStats.size N; a spec change (a new limit, a new listener)
     //    reaches the sidecar and drops none of them.
-    let held = cluster.exec_background(&ns, "client", &["hold", &target, "5", "45"]);
+    let held = cluster.exec_background(&ns, "client", &["hold", &target, "5", "60"]);
     wait_status(&proxies, "client", "poolStats.size 5", |p| pool_size(p, "echo") == Some(5)).await;
     let changed = client_resource(json!([listener("echo", SIDECAR_PORT, 100), listener("echo2", SIDECAR_PORT_2, 100)]));
     apply(&client, &ns, changed).await;
@@ -406,17 +415,36 @@ async fn chart_sidecars_and_gateways_on_a_real_cluster() {
     wait_status(&proxies, "client", "the held connection counted", |p| pool_size(p, "echo") == Some(1)).await;
     let started = tokio::time::Instant::now();
     pods.delete("client", &DeleteParams::default()).await.unwrap();
-    // Polled until the pod is gone (bounded by the grace period and a margin): some snapshot
-    // must show the app terminated while the sidecar still runs.
+    // Polled until the pod is gone (bounded by the grace period and a margin). The kubelet stops
+    // the app container first and the sidecar after it: some snapshot shows the app terminated
+    // while the sidecar runs, or the last one shows both ended in that order, the sidecar on its
+    // own (exit 0: it drained and stopped on SIGTERM, it was not killed at the deadline).
     let mut sidecar_outlived_app = false;
+    let mut last = None;
     while let Some(pod) = pods.get_opt("client").await.unwrap() {
         assert!(started.elapsed() < Duration::from_secs(25), "the client pod outlived its 10 s grace period");
         let app_done = moment(&pod, false, "app", true).is_some();
         let sidecar_running = moment(&pod, true, "l4proxy", false).is_some();
         sidecar_outlived_app |= app_done && sidecar_running;
+        last = Some(pod);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(sidecar_outlived_app, "the sidecar was never seen running after the app container ended");
+    let last = last.expect("the pod was seen terminating");
+    let sidecar_exit = last
+        .status
+        .as_ref()
+        .and_then(|s| s.init_container_statuses.as_ref())
+        .and_then(|s| s.iter().find(|c| c.name == "l4proxy"))
+        .and_then(|c| c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code));
+    let ended_in_order = match (moment(&last, false, "app", true), moment(&last, true, "l4proxy", true)) {
+        (Some(app), Some(sidecar)) => app <= sidecar && sidecar_exit == Some(0),
+        _ => false,
+    };
+    assert!(
+        sidecar_outlived_app || ended_in_order,
+        "the sidecar was not seen ending after the app container, on its own; last status: {}",
+        serde_json::to_string_pretty(&last.status).unwrap()
+    );
     // The exec ends with its container (it fails: its connection was cut by the deletion).
     let _ = wait_child(open).await;
 
