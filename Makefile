@@ -4,11 +4,11 @@ CARGO ?= cargo
 .PHONY: test shellcheck e2e e2e-if-able fmt-check clippy crd-check chart-check tools unit-and-integration example demo-check demo demo-down build run crds \
 	images image-archives
 
-test: fmt-check clippy crd-check chart-check shellcheck unit-and-integration example demo-check
+test: fmt-check clippy crd-check chart-check shellcheck unit-and-integration example demo-check e2e-if-able
 
 # The kind script runs where CI cannot (Docker): it is at least checked here, with the e2e driver.
 shellcheck:
-	shellcheck tests/kind/e2e.sh tests/e2e/run
+	shellcheck -x tests/kind/e2e.sh tests/e2e/run tests/cluster/up tests/cluster/down tests/cluster/load-image tests/cluster/lib.sh tools/build-node.sh
 
 # The end-to-end tier: a real node on this machine (tests/cluster), the images built here, the
 # suite in tests/e2e, the node removed after. `make test` runs it where the machine allows
