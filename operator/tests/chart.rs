@@ -244,7 +244,8 @@ async fn helm_installed_operator_injects_sidecars_that_subscribe_and_carry_traff
     };
     wait_for("the CA in both webhooks' caBundle", TIMEOUT, bundled).await;
     // ... and kept there: a bundle changed behind its back is written again.
-    let other = json!({ "webhooks": [{ "name": "pod.inject.l4proxy.dev", "clientConfig": { "caBundle": "T1RIRVI=" } }] });
+    let other =
+        json!({ "webhooks": [{ "name": "pod.inject.l4proxy.dev", "clientConfig": { "caBundle": "T1RIRVI=" } }] });
     webhooks.patch(FULLNAME, &PatchParams::default(), &Patch::Strategic(&other)).await.unwrap();
     wait_for("the CA written back into caBundle", TIMEOUT, bundled).await;
 

@@ -241,7 +241,6 @@ impl Drop for ControlPlane {
     }
 }
 
-
 /// `l4proxy-cp-<pid>-<n>` under the system temp dir; a leftover from an earlier process that
 /// had the same pid is removed first.
 fn fresh_temp_dir() -> Result<PathBuf> {
@@ -345,7 +344,9 @@ impl Launcher<'_> {
         running.push(self.spawn("kube-apiserver", self.apiserver_args(ports))?);
         self.record(running)?;
         let host = self.apiserver_host();
-        wait_ready(running, deadline, || self.probe.status(host, ports.apiserver, "/readyz").is_ok_and(|code| code == 200))
+        wait_ready(running, deadline, || {
+            self.probe.status(host, ports.apiserver, "/readyz").is_ok_and(|code| code == 200)
+        })
     }
 
     fn spawn(&self, name: &'static str, args: Vec<String>) -> Result<Component> {
