@@ -1,8 +1,10 @@
+# shellcheck shell=bash
 # Shared by bench/run.sh and bench/udp.sh: argument parsing, logging, process bookkeeping,
 # measurement helpers, and building the l4proxy binary under test. Sourced, not run.
 # The sourcing script defines usage(), and RAW and RESULTS before the helpers that use them run.
 
-# bench_args NAME "$@": sets QUICK (0|1) and REV (a git revision or empty).
+# bench_args NAME "$@": sets QUICK (0|1) and REV (a git revision or empty), read by the sourcing script.
+# shellcheck disable=SC2034
 bench_args() {
   local name=$1
   shift

@@ -3,6 +3,8 @@
 
     report.py wrk FILE          -> "<requests/s> <p99 ms> <errors> <requests>"  from `wrk --latency`
     report.py iperf FILE        -> "<Gbit/s received> <retransmits> <bytes received>"  from `iperf3 -J`
+    report.py sockperf FILE     -> "<p50 µs> <p99 µs> <p99.9 µs> <mean µs> <round trips>"  from
+                                   `sockperf ping-pong --full-rtt`
     report.py table RESULTS META -> Markdown report on stdout
 
 RESULTS is a TSV of `test path round metric value` lines written by run.sh; META is a TSV of
@@ -46,8 +48,25 @@ def parse_iperf(path: str) -> str:
     return f"{bps / 1e9:.3f} {retr} {end['sum_received']['bytes']}"
 
 
-PATHS = ["direct", "haproxy", "l4proxy"]
-NAMES = {"direct": "direct", "haproxy": "HAProxy", "l4proxy": "l4proxy"}
+def parse_sockperf(path: str) -> str:
+    text = open(path, encoding="utf-8", errors="replace").read()
+
+    def pct(p):
+        m = re.search(rf"percentile {re.escape(p)} =\s*([0-9.]+)", text)
+        if not m:
+            raise SystemExit(f"cannot parse sockperf output {path} (no percentile {p})")
+        return float(m.group(1))
+
+    avg = re.search(r"avg-(?:rtt|latency)=([0-9.]+)", text)
+    total = re.search(r"Total (\d+) observations", text)
+    if not avg or not total:
+        raise SystemExit(f"cannot parse sockperf output {path}")
+    return f"{pct('50.000'):.3f} {pct('99.000'):.3f} {pct('99.900'):.3f} {float(avg.group(1)):.3f} {total.group(1)}"
+
+
+PATHS = ["direct", "haproxy", "nginx", "l4proxy"]
+PROXIES = ["haproxy", "nginx", "l4proxy"]
+NAMES = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx stream", "l4proxy": "l4proxy"}
 
 # (test, metric, label, unit, higher_is_better, decimals)
 ROWS = [
@@ -62,12 +81,24 @@ ROWS = [
     ("mem", "rss_kib_per_conn", "same, VmRSS", "KiB", False, 2),
 ]
 
+# Latency rows: (test, metric, label)
+LAT_ROWS = [
+    ("lat_tcp", "p50_us", "TCP, p50"),
+    ("lat_tcp", "p99_us", "TCP, p99"),
+    ("lat_tcp", "p999_us", "TCP, p99.9"),
+    ("lat_udp", "p50_us", "UDP, p50"),
+    ("lat_udp", "p99_us", "UDP, p99"),
+    ("lat_udp", "p999_us", "UDP, p99.9"),
+]
+
 # Proxy CPU cost: CPU seconds of the proxy process during the run, normalised.
 CPU_ROWS = [
     ("iperf1", "cpu_s_per_gb", "iperf3 1 stream: proxy CPU per GB moved", "CPU-ms/GB", 1000.0),
     ("iperf8", "cpu_s_per_gb", "iperf3 8 streams: proxy CPU per GB moved", "CPU-ms/GB", 1000.0),
     ("close", "cpu_s_per_req", "new connections: proxy CPU per connection", "CPU-µs/conn", 1e6),
     ("keepalive", "cpu_s_per_req", "keep-alive: proxy CPU per request", "CPU-µs/req", 1e6),
+    ("lat_tcp", "cpu_s_per_req", "TCP ping-pong: proxy CPU per round trip", "CPU-µs/RT", 1e6),
+    ("lat_udp", "cpu_s_per_req", "UDP ping-pong: proxy CPU per round trip", "CPU-µs/RT", 1e6),
     ("close", "cpu_util", "new connections: proxy CPU use", "cores", 1.0),
     ("keepalive", "cpu_util", "keep-alive: proxy CPU use", "cores", 1.0),
 ]
@@ -114,8 +145,12 @@ def table(results_path: str, meta_path: str) -> str:
     out.append(
         f"Run {meta.get('date', '?')} on {meta.get('cpu', '?')} ({meta.get('nproc', '?')} CPUs), "
         f"kernel {meta.get('kernel', '?')}; l4proxy {meta.get('l4proxy_rev', '?')}, "
-        f"{meta.get('haproxy', '?')}, {meta.get('nginx', '?')}, {meta.get('wrk', '?')}, {meta.get('iperf3', '?')}.\n"
+        f"{meta.get('haproxy', '?')}, {meta.get('nginx', '?')}, {meta.get('wrk', '?')}, {meta.get('iperf3', '?')}"
+        + (f", {meta['sockperf']}" if "sockperf" in meta else "")
+        + ".\n"
     )
+    if "nginx_stream" in meta:
+        out.append(f"nginx stream: {meta['nginx_stream']}.\n")
     out.append(
         f"Mode: {meta.get('mode', '?')}: {meta.get('rounds', '?')} interleaved round(s), "
         f"{meta.get('duration', '?')} s per iperf3/wrk run, wrk `{meta.get('wrk_args', '?')}`, "
@@ -125,28 +160,64 @@ def table(results_path: str, meta_path: str) -> str:
         f"Machine CPU busy before/after the run (idle baseline): {meta.get('busy_before', '?')}% / "
         f"{meta.get('busy_after', '?')}%.\n"
     )
-    out.append("| Test | Unit | direct | HAProxy | l4proxy | l4proxy / HAProxy | l4proxy / direct |")
-    out.append("|---|---|--:|--:|--:|--:|--:|")
+    out.append(
+        "| Test | Unit | direct | HAProxy | nginx stream | l4proxy | l4proxy / HAProxy | l4proxy / nginx | l4proxy / direct |"
+    )
+    out.append("|---|---|--:|--:|--:|--:|--:|--:|--:|")
     for test, metric, label, unit, _hib, dec in ROWS:
         m = {p: med(test, p, metric) for p in PATHS}
         if all(v is None for v in m.values()):
             continue
         out.append(
-            f"| {label} | {unit} | {fmt(m['direct'], dec)} | {fmt(m['haproxy'], dec)} | {fmt(m['l4proxy'], dec)} "
-            f"| {ratio(m['l4proxy'], m['haproxy'])} | {ratio(m['l4proxy'], m['direct'])} |"
+            f"| {label} | {unit} | {fmt(m['direct'], dec)} | {fmt(m['haproxy'], dec)} | {fmt(m['nginx'], dec)} "
+            f"| {fmt(m['l4proxy'], dec)} | {ratio(m['l4proxy'], m['haproxy'])} | {ratio(m['l4proxy'], m['nginx'])} "
+            f"| {ratio(m['l4proxy'], m['direct'])} |"
         )
     out.append("")
 
-    out.append("Proxy CPU cost (CPU time of the proxy process during each run; medians):\n")
-    out.append("| Test | Unit | HAProxy | l4proxy | l4proxy / HAProxy |")
-    out.append("|---|---|--:|--:|--:|")
+    # Latency: round trip per path, and what the proxy adds: (path - direct) in the same round,
+    # median over rounds (the pairs share a round, so slow drift cancels).
+    def added(test, path, metric):
+        d = dict(values.get((test, "direct", metric), []))
+        diffs = [v - d[r] for r, v in values.get((test, path, metric), []) if r in d]
+        return statistics.median(diffs) if diffs else None
+
+    if any(values.get((t, p, m)) for t, m, _ in LAT_ROWS for p in PATHS):
+        out.append(
+            f"Latency at low load: `{meta.get('lat_args', 'sockperf ping-pong')}`, one connection (UDP: one "
+            "client socket, one session), 1 KiB messages, one in flight; round-trip times in µs, medians over "
+            "the rounds. \"added\" = through the proxy − direct, per round (same round), median over rounds; "
+            "a round trip crosses the proxy twice.\n"
+        )
+        out.append(
+            "| Ping-pong round trip | direct | HAProxy | nginx stream | l4proxy | added: HAProxy | added: nginx "
+            "| added: l4proxy | l4proxy added / HAProxy added | l4proxy added / nginx added |"
+        )
+        out.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for test, metric, label in LAT_ROWS:
+            m = {p: med(test, p, metric) for p in PATHS}
+            if all(v is None for v in m.values()):
+                continue
+            a = {p: added(test, p, metric) for p in PROXIES}
+            out.append(
+                f"| {label} | {fmt(m['direct'], 1)} | {fmt(m['haproxy'], 1)} | {fmt(m['nginx'], 1)} | {fmt(m['l4proxy'], 1)} "
+                f"| {fmt(a['haproxy'], 1)} | {fmt(a['nginx'], 1)} | {fmt(a['l4proxy'], 1)} "
+                f"| {ratio(a['l4proxy'], a['haproxy'])} | {ratio(a['l4proxy'], a['nginx'])} |"
+            )
+        out.append("")
+
+    out.append("Proxy CPU cost (CPU time of the proxy's processes during each run; nginx: master and workers; medians):\n")
+    out.append("| Test | Unit | HAProxy | nginx stream | l4proxy | l4proxy / HAProxy | l4proxy / nginx |")
+    out.append("|---|---|--:|--:|--:|--:|--:|")
     for test, metric, label, unit, scale in CPU_ROWS:
-        h, l4 = med(test, "haproxy", metric), med(test, "l4proxy", metric)
-        if h is None and l4 is None:
+        c = {p: med(test, p, metric) for p in PROXIES}
+        if all(v is None for v in c.values()):
             continue
-        hs = h * scale if h is not None else None
-        ls = l4 * scale if l4 is not None else None
-        out.append(f"| {label} | {unit} | {fmt(hs, 2)} | {fmt(ls, 2)} | {ratio(ls, hs)} |")
+        c = {p: (v * scale if v is not None else None) for p, v in c.items()}
+        out.append(
+            f"| {label} | {unit} | {fmt(c['haproxy'], 2)} | {fmt(c['nginx'], 2)} | {fmt(c['l4proxy'], 2)} "
+            f"| {ratio(c['l4proxy'], c['haproxy'])} | {ratio(c['l4proxy'], c['nginx'])} |"
+        )
     out.append("")
 
     errs = []
@@ -174,22 +245,25 @@ def table(results_path: str, meta_path: str) -> str:
         )
 
     out.append("<details><summary>Every round (in round order)</summary>\n")
-    out.append("| Test | Unit | direct | HAProxy | l4proxy |")
-    out.append("|---|---|---|---|---|")
-    for test, metric, label, unit, _hib, dec in ROWS:
+    out.append("| Test | Unit | direct | HAProxy | nginx stream | l4proxy |")
+    out.append("|---|---|---|---|---|---|")
+    rows = [(t, m, lab, u, d) for t, m, lab, u, _h, d in ROWS]
+    rows += [(t, m, f"ping-pong {lab}", "µs", 1) for t, m, lab in LAT_ROWS]
+    for test, metric, label, unit, dec in rows:
         if all(not values.get((test, p, metric)) for p in PATHS):
             continue
-        out.append(
-            f"| {label} | {unit} | {spread(test, 'direct', metric, dec)} | {spread(test, 'haproxy', metric, dec)} "
-            f"| {spread(test, 'l4proxy', metric, dec)} |"
-        )
-    for test, label in (("iperf1", "iperf3 1 stream"), ("iperf8", "iperf3 8 streams"), ("close", "new connections"), ("keepalive", "keep-alive")):
+        out.append(f"| {label} | {unit} | " + " | ".join(spread(test, p, metric, dec) for p in PATHS) + " |")
+    for test, label in (
+        ("iperf1", "iperf3 1 stream"),
+        ("iperf8", "iperf3 8 streams"),
+        ("close", "new connections"),
+        ("keepalive", "keep-alive"),
+        ("lat_tcp", "TCP ping-pong"),
+        ("lat_udp", "UDP ping-pong"),
+    ):
         if any(values.get((test, p, "foreign_cores")) for p in PATHS):
-            out.append(
-                f"| {label}: foreign load | cores | {spread(test, 'direct', 'foreign_cores', 2)} "
-                f"| {spread(test, 'haproxy', 'foreign_cores', 2)} | {spread(test, 'l4proxy', 'foreign_cores', 2)} |"
-            )
-    out.append("\nOrder of paths per round: " + meta.get("orders", "?") + "\n")
+            out.append(f"| {label}: foreign load | cores | " + " | ".join(spread(test, p, "foreign_cores", 2) for p in PATHS) + " |")
+    out.append("\nOrder of paths per round: " + meta.get("orders", "?") + "; UDP ping-pong: " + meta.get("orders_udp", "?") + "\n")
     out.append("</details>\n")
     return "\n".join(out)
 
@@ -199,6 +273,8 @@ def main() -> None:
         print(parse_wrk(sys.argv[2]))
     elif len(sys.argv) >= 3 and sys.argv[1] == "iperf":
         print(parse_iperf(sys.argv[2]))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "sockperf":
+        print(parse_sockperf(sys.argv[2]))
     elif len(sys.argv) >= 4 and sys.argv[1] == "table":
         print(table(sys.argv[2], sys.argv[3]))
     else:

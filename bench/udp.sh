@@ -40,8 +40,8 @@ else
 fi
 SIZES=${UDP_SIZES:-64 1200}
 CLIENTS=${UDP_CLIENTS:-16}
-PATHS=(${UDP_PATHS:-direct l4proxy nginx socat})
-SESSION_PATHS=(${UDP_SESSION_PATHS:-l4proxy nginx nginx-bind4})
+read -r -a PATHS <<<"${UDP_PATHS:-direct l4proxy nginx socat}"
+read -r -a SESSION_PATHS <<<"${UDP_SESSION_PATHS:-l4proxy nginx nginx-bind4}"
 TESTS=${UDP_TESTS:-rate flood sessions}
 WORKERS=${UDP_WORKERS:-2}
 # At most this many session datagrams unanswered at a time: a burst larger than the listener's
@@ -175,6 +175,7 @@ start_nginx() { # name port [bind4] -> NGX_STARTED master pid
   mkdir -p "$dir/logs"
   if [[ -n "$bind" ]]; then
     # Spread the upstream sockets over 4 source addresses (28k ephemeral ports each).
+    # shellcheck disable=SC2016 # nginx variables, not shell ones
     bindconf='split_clients "$remote_addr:$remote_port" $l4b_src { 25% 127.0.3.1; 25% 127.0.3.2; 25% 127.0.3.3; * 127.0.3.4; }'
   fi
   cat >"$dir/nginx.conf" <<EOF
@@ -214,7 +215,7 @@ start_socat() { # port
   wait_udp "$1" "$SOCAT_PID" "socat"
 }
 
-declare -A PORT_OF PIDS_OF_CMD
+declare -A PORT_OF
 PORT_OF[direct]=$P_ECHO
 has_path() { [[ " ${PATHS[*]} " == *" $1 "* ]]; }
 if [[ " $TESTS " == *" rate "* || " $TESTS " == *" flood "* ]]; then
@@ -234,7 +235,7 @@ path_pids() {
 # ---------------------------------------------------------------------------------------------
 # Throughput runs.
 run_load() { # test path round rate size
-  local test=$1 path=$2 round=$3 rate=$4 size=$5 out pids p0 p1 e0 e1 m0 m1 s0 s1 t0 t1 secs
+  local test=$1 path=$2 round=$3 rate=$4 size=$5 out p0 p1 e0 e1 m0 m1 s0 s1 t0 t1 secs
   local -a ps
   mapfile -t ps < <(path_pids "$path")
   p0=$(ticks_of "${ps[@]}"); e0=$(ticks_of "$ECHO_PID"); m0=$(machine_ticks); s0=$(udp_snmp); t0=$EPOCHREALTIME
@@ -246,6 +247,7 @@ run_load() { # test path round rate size
   echo "$test	$path	$round	$out" >>"$RAW/load.jsonl"
   secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b - a}')
   local sent recv loss sent_pps recv_pps cpu
+  # shellcheck disable=SC2034 # sent and recv: only their rates are recorded
   read -r sent recv loss sent_pps recv_pps cpu < <(json "$out" '"%d %d %f %f %f %f" % (d["sent"], d["received"], d["loss"], d["sent_pps"], d["recv_pps"], d["cpu_s"])')
   record "$test" "$path" "$round" sent_pps "$sent_pps"
   record "$test" "$path" "$round" recv_pps "$recv_pps"
@@ -326,6 +328,7 @@ print(find(d) or "")' "$RAW/l4s-$round-stats.json" 2>/dev/null || true)
     if [[ -n "$size" && "$size" -gt 0 ]]; then sessions=$size; fi
     record sessions "$path" "$round" pool_size "${size:-0}"
   fi
+  # shellcheck disable=SC2034 # f0: only the fds after are recorded
   read -r a0 d0 r0 f0 <<<"$before"
   read -r a1 d1 r1 f1 <<<"$after"
   record sessions "$path" "$round" offered "$SESSIONS"
