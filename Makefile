@@ -85,6 +85,8 @@ run:
 # With Docker, images/Containerfile builds the same images from source instead.
 MUSL_TARGET := x86_64-unknown-linux-musl
 IMAGE_TAG ?= dev
+# The cargo profile of the binaries in the images (tests/e2e/run uses `e2e`: faster to build).
+IMAGE_PROFILE ?= release
 BUILDAH ?= buildah
 IMAGES := l4proxy l4proxy-operator l4proxy-echo
 # Where cargo builds (CARGO_TARGET_DIR may put it outside the repo, as .ci/run does).
@@ -92,10 +94,10 @@ TARGET_DIR = $(shell $(CARGO) metadata --format-version 1 --no-deps | python3 -c
 
 images:
 	rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
-	$(CARGO) build --release --target $(MUSL_TARGET) -p l4proxy -p l4proxy-operator -p l4proxy-echo
+	$(CARGO) build --profile $(IMAGE_PROFILE) --target $(MUSL_TARGET) -p l4proxy -p l4proxy-operator -p l4proxy-echo
 	for image in $(IMAGES); do \
 		$(BUILDAH) build --quiet -f images/Containerfile.host --target $$image -t localhost/$$image:$(IMAGE_TAG) \
-			$(TARGET_DIR)/$(MUSL_TARGET)/release || exit 1; \
+			$(TARGET_DIR)/$(MUSL_TARGET)/$(IMAGE_PROFILE) || exit 1; \
 	done
 
 # The images as docker-archive tarballs in $(TARGET_DIR)/images/ (for `ctr images import` on a node).
