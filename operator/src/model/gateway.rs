@@ -14,9 +14,9 @@ use k8s_openapi::{
         apps::v1::{Deployment, DeploymentSpec},
         core::v1::{
             Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-            HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
-            SecurityContext, Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount,
-            VolumeProjection,
+            HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+            ProjectedVolumeSource, SecurityContext, Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec,
+            Sysctl, Volume, VolumeMount, VolumeProjection,
         },
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
@@ -143,6 +143,8 @@ pub fn deployment(proxy: &L4Proxy, gateway: &GatewaySpec, image: &str, control: 
     let pod = PodSpec {
         containers: vec![container(proxy, gateway.image.as_deref().unwrap_or(image), control)],
         volumes: Some(volumes),
+        security_context: lowest_port_sysctl(&proxy.spec.listeners)
+            .map(|sysctl| PodSecurityContext { sysctls: Some(vec![sysctl]), ..Default::default() }),
         ..Default::default()
     };
     Deployment {
@@ -159,6 +161,18 @@ pub fn deployment(proxy: &L4Proxy, gateway: &GatewaySpec, image: &str, control: 
         ..Default::default()
     }
 }
+
+/// For listeners on ports below 1024: the pod's `net.ipv4.ip_unprivileged_port_start` lowered to
+/// the lowest of them, so the non-root proxy may bind them. (A capability would not do: a
+/// non-root process loses an added NET_BIND_SERVICE at exec unless its binary carries it as a
+/// file capability.) The sysctl is namespaced to the pod and Kubernetes counts it as safe.
+pub fn lowest_port_sysctl(listeners: &[Listener]) -> Option<Sysctl> {
+    let lowest = listeners.iter().map(port_of).filter(|p| (1..1024).contains(p)).min()?;
+    Some(Sysctl { name: UNPRIVILEGED_PORT_START.into(), value: lowest.to_string() })
+}
+
+/// The sysctl that decides which ports a process without privileges may bind.
+pub const UNPRIVILEGED_PORT_START: &str = "net.ipv4.ip_unprivileged_port_start";
 
 /// A projected ServiceAccount token for the config service (audience `l4proxy.dev`).
 fn token_volume() -> Volume {
@@ -217,7 +231,7 @@ fn pod_identity_env() -> Vec<EnvVar> {
 }
 
 /// The proxy container: a port per listener and the admin port, probes on the admin port,
-/// no privileges beyond binding a port below 1024 when a listener needs one.
+/// no capabilities (ports below 1024: [`lowest_port_sysctl`] on the pod).
 fn container(proxy: &L4Proxy, image: &str, control: Option<&GatewayControl>) -> Container {
     let listeners = &proxy.spec.listeners;
     let ports = listeners
@@ -230,7 +244,6 @@ fn container(proxy: &L4Proxy, image: &str, control: Option<&GatewayControl>) -> 
             ..Default::default()
         }))
         .collect();
-    let privileged_port = listeners.iter().any(|l| port_of(l) < 1024);
     let probe = |path: &str| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -252,10 +265,7 @@ fn container(proxy: &L4Proxy, image: &str, control: Option<&GatewayControl>) -> 
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: privileged_port.then(|| vec!["NET_BIND_SERVICE".into()]),
-            }),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
             ..Default::default()
         }),
         volume_mounts: Some(
@@ -338,10 +348,13 @@ mod tests {
         assert!(owned_by(&deploy, &p));
         let spec = deploy.spec;
         assert_eq!(spec.replicas, Some(2));
-        let container = &spec.template.spec.unwrap().containers[0];
+        let pod = spec.template.spec.unwrap();
+        let container = &pod.containers[0];
         assert_eq!(container.image.as_deref(), Some("example/l4proxy:1"));
         let caps = container.security_context.as_ref().unwrap().capabilities.as_ref().unwrap();
-        assert_eq!(caps.add.as_deref(), Some(&["NET_BIND_SERVICE".to_string()][..]), "port 53 needs it");
+        assert_eq!(caps.add, None, "no capability: a non-root process would not keep it");
+        let sysctls = pod.security_context.unwrap().sysctls.unwrap();
+        assert_eq!(sysctls, [Sysctl { name: UNPRIVILEGED_PORT_START.into(), value: "53".into() }], "port 53 needs it");
     }
 
     #[test]

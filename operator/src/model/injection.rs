@@ -7,22 +7,27 @@
 //! the one resource whose selector selects it ([`selector::serves`], the rule the config service
 //! checks tokens by too). The sidecar is a native sidecar: the first init container, with
 //! `restartPolicy: Always` and a startup probe on `/readyz`, so the pod's containers start once
-//! the proxy serves its first pushed config.
+//! the proxy serves its first pushed config. It has no capabilities: for a listener below port
+//! 1024 the pod's `net.ipv4.ip_unprivileged_port_start` is lowered instead
+//! ([`gateway::lowest_port_sysctl`]).
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc};
 
 use json_patch::{AddOperation, Patch, PatchOperation, jsonptr::PointerBuf};
 use k8s_openapi::{
     api::core::v1::{
         Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, Probe,
         ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection,
-        Volume, VolumeMount, VolumeProjection,
+        Sysctl, Volume, VolumeMount, VolumeProjection,
     },
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
 use kube::ResourceExt;
 
-use super::selector;
+use super::{
+    gateway::{self, UNPRIVILEGED_PORT_START},
+    selector,
+};
 use crate::api::{
     crd::L4Proxy,
     labels::{INJECT_LABEL, PROXY_ANNOTATION},
@@ -193,8 +198,9 @@ pub fn decide(sidecar: &Sidecar, namespace: &str, pod: &Pod, proxies: &[Arc<L4Pr
         Err(why) => return Decision::Refused(format!("l4proxy: {why}")),
     };
     let resource = format!("{namespace}/{}", proxy.name_any());
-    let container = container(sidecar, &resource, proxy, &overrides);
-    Decision::Inject { proxy: proxy.name_any(), patch: patch(pod, container, &resource) }
+    let container = container(sidecar, &resource, &overrides);
+    let sysctl = gateway::lowest_port_sysctl(&proxy.spec.listeners);
+    Decision::Inject { proxy: proxy.name_any(), patch: patch(pod, container, &resource, sysctl) }
 }
 
 /// The sidecar's resources and log level for one pod: the defaults, then its annotations.
@@ -265,7 +271,7 @@ pub fn quantity(text: &str) -> Result<f64, &'static str> {
 }
 
 /// The sidecar container for `proxy`'s pods.
-fn container(sidecar: &Sidecar, resource: &str, proxy: &L4Proxy, overrides: &Overrides) -> Container {
+fn container(sidecar: &Sidecar, resource: &str, overrides: &Overrides) -> Container {
     let args = [
         "run",
         "--log-format",
@@ -297,8 +303,6 @@ fn container(sidecar: &Sidecar, resource: &str, proxy: &L4Proxy, overrides: &Ove
     if let Some(level) = &overrides.log_level {
         env.push(EnvVar { name: "RUST_LOG".into(), value: Some(level.clone()), ..Default::default() });
     }
-    let privileged_port =
-        proxy.spec.listeners.iter().any(|l| l.address.parse::<SocketAddr>().is_ok_and(|a| a.port() < 1024));
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -330,10 +334,7 @@ fn container(sidecar: &Sidecar, resource: &str, proxy: &L4Proxy, overrides: &Ove
             run_as_non_root: Some(true),
             run_as_user: Some(SIDECAR_USER),
             run_as_group: Some(SIDECAR_USER),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: privileged_port.then(|| vec!["NET_BIND_SERVICE".into()]),
-            }),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
             seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
             ..Default::default()
         }),
@@ -368,9 +369,9 @@ fn token_volume() -> Volume {
     }
 }
 
-/// Adds `container` as the first init container, its token volume, and the annotation naming
-/// `resource`.
-fn patch(pod: &Pod, container: Container, resource: &str) -> Patch {
+/// Adds `container` as the first init container, its token volume, the annotation naming
+/// `resource`, and `sysctl` (for listeners below port 1024) unless the pod sets that sysctl itself.
+fn patch(pod: &Pod, container: Container, resource: &str, sysctl: Option<Sysctl>) -> Patch {
     let add = |path: &str, value: serde_json::Value| {
         PatchOperation::Add(AddOperation { path: PointerBuf::parse(path).expect("a valid pointer"), value })
     };
@@ -387,6 +388,17 @@ fn patch(pod: &Pod, container: Container, resource: &str) -> Patch {
     } else {
         add("/spec/volumes", serde_json::Value::Array(vec![to_json(&volume)]))
     });
+    let security = spec.and_then(|s| s.security_context.as_ref());
+    let sysctls = security.and_then(|s| s.sysctls.as_ref());
+    if let Some(sysctl) =
+        sysctl.filter(|_| !sysctls.iter().flat_map(|s| s.iter()).any(|s| s.name == UNPRIVILEGED_PORT_START))
+    {
+        operations.push(match (security, sysctls) {
+            (None, _) => add("/spec/securityContext", serde_json::json!({ "sysctls": [to_json(&sysctl)] })),
+            (Some(_), None) => add("/spec/securityContext/sysctls", serde_json::Value::Array(vec![to_json(&sysctl)])),
+            (Some(_), Some(_)) => add("/spec/securityContext/sysctls/-", to_json(&sysctl)),
+        });
+    }
     let name = serde_json::Value::String(resource.to_owned());
     operations.push(if pod.metadata.annotations.is_some() {
         add(&format!("/metadata/annotations/{}", INJECTED_ANNOTATION.replace('/', "~1")), name)
@@ -402,6 +414,8 @@ fn to_json(value: &impl serde::Serialize) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::core::v1::PodSecurityContext;
+
     use super::*;
 
     fn sidecar() -> Sidecar {
@@ -513,11 +527,28 @@ mod tests {
     }
 
     #[test]
-    fn a_listener_below_1024_gets_net_bind_service_and_nothing_else() {
+    fn a_listener_below_1024_lowers_the_pods_unprivileged_port_start_and_adds_no_capability() {
+        let wanted = Sysctl { name: UNPRIVILEGED_PORT_START.into(), value: "53".into() };
         let out = injected(&pod(WEB), &[proxy("dns", "web", 53)]);
-        let c = &out.spec.unwrap().init_containers.unwrap()[0];
-        let caps = c.security_context.clone().unwrap().capabilities.unwrap();
-        assert_eq!(caps.add, Some(vec!["NET_BIND_SERVICE".into()]));
+        let spec = out.spec.unwrap();
+        let caps = spec.init_containers.unwrap()[0].security_context.clone().unwrap().capabilities.unwrap();
+        assert_eq!(caps.add, None);
+        assert_eq!(spec.security_context.unwrap().sysctls.unwrap(), std::slice::from_ref(&wanted));
+        // Beside the pod's own sysctls; and a pod that sets this one keeps its value.
+        let mut p = pod(WEB);
+        let other = Sysctl { name: "net.ipv4.tcp_syncookies".into(), value: "1".into() };
+        p.spec.as_mut().unwrap().security_context =
+            Some(PodSecurityContext { sysctls: Some(vec![other.clone()]), ..Default::default() });
+        let out = injected(&p, &[proxy("dns", "web", 53)]);
+        assert_eq!(out.spec.unwrap().security_context.unwrap().sysctls.unwrap(), [other, wanted]);
+        let own = Sysctl { name: UNPRIVILEGED_PORT_START.into(), value: "0".into() };
+        p.spec.as_mut().unwrap().security_context =
+            Some(PodSecurityContext { sysctls: Some(vec![own.clone()]), ..Default::default() });
+        let out = injected(&p, &[proxy("dns", "web", 53)]);
+        assert_eq!(out.spec.unwrap().security_context.unwrap().sysctls.unwrap(), [own]);
+        // Ports from 1024 need nothing.
+        let out = injected(&pod(WEB), &[proxy("db", "web", 15432)]);
+        assert!(out.spec.unwrap().security_context.is_none());
     }
 
     #[test]

@@ -40,7 +40,8 @@ const ECHO_PORT: u16 = 7000;
 /// The client resource's listeners, in the client pod's network namespace.
 const SIDECAR_PORT: u16 = 15000;
 const SIDECAR_PORT_2: u16 = 15001;
-const GATEWAY_PORT: u16 = 16000;
+/// Below 1024: the non-root gateway proxy binds it through the pod's unprivileged-port sysctl.
+const GATEWAY_PORT: u16 = 443;
 
 struct Cluster {
     kubeconfig: PathBuf,
