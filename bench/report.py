@@ -89,6 +89,12 @@ LAT_ROWS = [
     ("lat_udp", "p50_us", "UDP, p50"),
     ("lat_udp", "p99_us", "UDP, p99"),
     ("lat_udp", "p999_us", "UDP, p99.9"),
+    ("lat_tcp_cpu0", "p50_us", "TCP, all on CPU 0, p50"),
+    ("lat_tcp_cpu0", "p99_us", "TCP, all on CPU 0, p99"),
+    ("lat_tcp_cpu0", "p999_us", "TCP, all on CPU 0, p99.9"),
+    ("lat_udp_cpu0", "p50_us", "UDP, all on CPU 0, p50"),
+    ("lat_udp_cpu0", "p99_us", "UDP, all on CPU 0, p99"),
+    ("lat_udp_cpu0", "p999_us", "UDP, all on CPU 0, p99.9"),
 ]
 
 # Proxy CPU cost: CPU seconds of the proxy process during the run, normalised.
@@ -99,6 +105,8 @@ CPU_ROWS = [
     ("keepalive", "cpu_s_per_req", "keep-alive: proxy CPU per request", "CPU-µs/req", 1e6),
     ("lat_tcp", "cpu_s_per_req", "TCP ping-pong: proxy CPU per round trip", "CPU-µs/RT", 1e6),
     ("lat_udp", "cpu_s_per_req", "UDP ping-pong: proxy CPU per round trip", "CPU-µs/RT", 1e6),
+    ("lat_tcp_cpu0", "cpu_s_per_req", "TCP ping-pong, all on CPU 0: proxy CPU per round trip", "CPU-µs/RT", 1e6),
+    ("lat_udp_cpu0", "cpu_s_per_req", "UDP ping-pong, all on CPU 0: proxy CPU per round trip", "CPU-µs/RT", 1e6),
     ("close", "cpu_util", "new connections: proxy CPU use", "cores", 1.0),
     ("keepalive", "cpu_util", "keep-alive: proxy CPU use", "cores", 1.0),
 ]
@@ -187,7 +195,8 @@ def table(results_path: str, meta_path: str) -> str:
             f"Latency at low load: `{meta.get('lat_args', 'sockperf ping-pong')}`, one connection (UDP: one "
             "client socket, one session), 1 KiB messages, one in flight; round-trip times in µs, medians over "
             "the rounds. \"added\" = through the proxy − direct, per round (same round), median over rounds; "
-            "a round trip crosses the proxy twice.\n"
+            "a round trip crosses the proxy twice. \"all on CPU 0\": client, server and the proxy under test pinned to "
+            "CPU 0 (taskset) for the run, so no hop waits for an idle vCPU to wake.\n"
         )
         out.append(
             "| Ping-pong round trip | direct | HAProxy | nginx stream | l4proxy | added: HAProxy | added: nginx "
@@ -260,6 +269,8 @@ def table(results_path: str, meta_path: str) -> str:
         ("keepalive", "keep-alive"),
         ("lat_tcp", "TCP ping-pong"),
         ("lat_udp", "UDP ping-pong"),
+        ("lat_tcp_cpu0", "TCP ping-pong, CPU 0"),
+        ("lat_udp_cpu0", "UDP ping-pong, CPU 0"),
     ):
         if any(values.get((test, p, "foreign_cores")) for p in PATHS):
             out.append(f"| {label}: foreign load | cores | " + " | ".join(spread(test, p, "foreign_cores", 2) for p in PATHS) + " |")

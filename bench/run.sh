@@ -10,7 +10,11 @@
 #   3. keep-alive requests/s and p99: the same without `Connection: close`;
 #   4. latency at low load: sockperf ping-pong, one connection, 1 KiB messages, one in flight,
 #      round-trip p50/p99 over TCP (all paths) and UDP (direct, l4proxy, nginx: HAProxy has no
-#      UDP) against a sockperf server; the report adds "through the proxy - direct" per round;
+#      UDP) against a sockperf server; the report adds "through the proxy - direct" per round.
+#      Twice: as the scheduler places things (lat_tcp, lat_udp), and with client, server and the
+#      proxy under test all pinned to CPU 0 (lat_tcp_cpu0, lat_udp_cpu0; taskset, restored
+#      after each run): on this VM a wake-up of an idle vCPU costs ~50 us, which otherwise
+#      decides the numbers; pinned, what remains is the software path;
 #   5. user-space memory per idle connection that carried 16 bytes each way (bench/conns.py),
 #      for l4proxy, HAProxy and nginx stream, each freshly started.
 # Proxies: l4proxy (default runtime: one worker thread per core), HAProxy (`nbthread` = cores) and
@@ -32,7 +36,8 @@
 #
 # Environment overrides: BENCH_ROUNDS, BENCH_DURATION (s), BENCH_MEM_CONNS, BENCH_MEM_ROUNDS,
 # BENCH_BASE_PORT (default 61400; ports BASE..BASE+39 are used), WRK_THREADS, WRK_CONNS,
-# BENCH_TESTS (subset of "iperf1 iperf8 close keepalive latency mem"; "latency" = "lat_tcp lat_udp"),
+# BENCH_TESTS (subset of "iperf1 iperf8 close keepalive latency mem"; "latency" = "lat_tcp lat_udp
+# lat_tcp_cpu0 lat_udp_cpu0"),
 # BENCH_LAT_DURATION (s per sockperf run; default = BENCH_DURATION), BENCH_LAT_MPS (sockperf
 # --mps, default max: the next message leaves when the reply is in), BENCH_NGINX_REUSEPORT,
 # L4PROXY_BIN (skip the cargo build and use this binary).
@@ -41,7 +46,7 @@
 # so uncommitted edits in proxy/ do not leak into the measurement.
 set -euo pipefail
 
-usage() { sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,46p' "$0" | sed 's/^# \{0,1\}//'; }
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -59,7 +64,7 @@ WRK_CONNS=${WRK_CONNS:-50}
 MEM_CONNS_WANTED=${BENCH_MEM_CONNS:-10000}
 BASE=${BENCH_BASE_PORT:-61400}
 TESTS=" ${BENCH_TESTS:-iperf1 iperf8 close keepalive latency mem} "
-TESTS=${TESTS/ latency / lat_tcp lat_udp }
+TESTS=${TESTS/ latency / lat_tcp lat_udp lat_tcp_cpu0 lat_udp_cpu0 }
 LAT_DURATION=${BENCH_LAT_DURATION:-$DURATION}
 LAT_MPS=${BENCH_LAT_MPS:-max}
 NGINX_REUSEPORT=${BENCH_NGINX_REUSEPORT:-0}
@@ -85,9 +90,9 @@ PROXIES=(l4proxy haproxy nginx)
 
 has_test() { [[ "$TESTS" == *" $1 "* ]]; }
 LAT=0
-if has_test lat_tcp || has_test lat_udp; then LAT=1; fi
+for t in lat_tcp lat_udp lat_tcp_cpu0 lat_udp_cpu0; do if has_test "$t"; then LAT=1; fi; done
 
-for tool in haproxy nginx iperf3 wrk python3 curl ss timeout setsid pgrep; do
+for tool in haproxy nginx iperf3 wrk python3 curl ss timeout setsid pgrep taskset; do
   command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y haproxy nginx libnginx-mod-stream iperf3 wrk sockperf curl iproute2 procps)"
 done
 if ((LAT)); then command -v sockperf >/dev/null || die "sockperf not found (apt-get install -y sockperf)"; fi
@@ -334,6 +339,8 @@ nginx -t -p "$RAW/nginx-stream" -c "$RAW/nginx-stream/nginx.conf" -e "$RAW/nginx
 L4_PID=""
 HA_PID=""
 NG_PID=""
+SP_TCP=""
+SP_UDP=""
 START_SEQ=0
 start_l4proxy() {
   START_SEQ=$((START_SEQ + 1))
@@ -381,11 +388,13 @@ start_backends() {
   wait_port "$P_ECHO" "$!" "echo server"
   if ((LAT)); then
     sockperf server -i 127.0.0.1 -p "$P_SOCK" --tcp >"$RAW/sockperf-server-tcp.log" 2>&1 &
-    PIDS+=("$!")
-    wait_port "$P_SOCK" "$!" "sockperf server (TCP)"
+    SP_TCP=$!
+    PIDS+=("$SP_TCP")
+    wait_port "$P_SOCK" "$SP_TCP" "sockperf server (TCP)"
     sockperf server -i 127.0.0.1 -p "$P_SOCK" >"$RAW/sockperf-server-udp.log" 2>&1 &
-    PIDS+=("$!")
-    wait_udp "$P_SOCK" "$!" "sockperf server (UDP)"
+    SP_UDP=$!
+    PIDS+=("$SP_UDP")
+    wait_udp "$P_SOCK" "$SP_UDP" "sockperf server (UDP)"
   fi
 }
 
@@ -480,15 +489,31 @@ run_wrk() { # path round mode(close|keepalive) [warmup]
   log "  wrk $(printf '%-9s' "$mode") $(printf '%-8s' "$path") r$round: $rps req/s, p99 $p99 ms, errors $errs"
 }
 
-run_latency() { # path round proto(tcp|udp): sockperf ping-pong, 1 KiB, one message in flight
-  local path=$1 round=$2 proto=$3 port out t0 t1 parsed p50 p99 p999 avg n cpu test="lat_$3"
-  local -a tcp=()
+pin_all() { # cpulist pid...: every thread of the given processes
+  local cpus=$1 p
+  shift
+  for p in "$@"; do taskset -a -p -c "$cpus" "$p" >/dev/null 2>&1 || log "    taskset -a -p -c $cpus $p failed"; done
+}
+run_latency() { # path round proto(tcp|udp) [pin]: sockperf ping-pong, 1 KiB, one message in flight
+  local path=$1 round=$2 proto=$3 pin=${4:-} port out t0 t1 parsed p50 p99 p999 avg n cpu test="lat_$3" all
+  local -a tcp=() client=() pinned=()
   if [[ "$proto" == tcp ]]; then tcp=(--tcp); port=$(port_of "$path" sock); else port=$(port_of "$path" socku); fi
-  out="$RAW/sockperf-$proto-$path-r$round.txt"
+  out="$RAW/sockperf-$proto-$path-r$round$pin.txt"
+  if [[ -n "$pin" ]]; then
+    test="lat_${proto}_cpu0"
+    client=(taskset -c 0)
+    # shellcheck disable=SC2207 # pids are words
+    pinned=("$SP_TCP" "$SP_UDP" $(proxy_pids "$path"))
+    pin_all 0 "${pinned[@]}"
+  fi
   if is_proxy "$path"; then t0=$(proxy_ticks "$path"); fi
-  timeout $((LAT_DURATION + 30)) sockperf ping-pong -i 127.0.0.1 -p "$port" "${tcp[@]}" --msg-size 1024 \
+  timeout $((LAT_DURATION + 30)) "${client[@]}" sockperf ping-pong -i 127.0.0.1 -p "$port" "${tcp[@]}" --msg-size 1024 \
     --time "$LAT_DURATION" --mps "$LAT_MPS" --full-rtt >"$out" 2>&1 || die "sockperf ping-pong ($proto) via $path failed; see $out"
   if is_proxy "$path"; then t1=$(proxy_ticks "$path"); fi
+  if [[ -n "$pin" ]]; then
+    all="0-$((NCPU - 1))"
+    pin_all "$all" "${pinned[@]}"
+  fi
   parsed=$(python3 "$BENCH/report.py" sockperf "$out")
   read -r p50 p99 p999 avg n <<<"$parsed"
   record "$test" "$path" "$round" p50_us "$p50"
@@ -500,7 +525,7 @@ run_latency() { # path round proto(tcp|udp): sockperf ping-pong, 1 KiB, one mess
     cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN{printf "%.3f", (b - a) / hz}')
     record "$test" "$path" "$round" cpu_s_per_req "$(awk -v c="$cpu" -v n="$n" 'BEGIN{printf "%.9f", c / n}')"
   fi
-  log "  sockperf $proto $(printf '%-8s' "$path") r$round: round trip p50 $p50 us, p99 $p99 us ($n round trips)"
+  log "  sockperf $proto${pin:+ (all on CPU 0)} $(printf '%-8s' "$path") r$round: round trip p50 $p50 us, p99 $p99 us ($n round trips)"
 }
 
 run_mem() { # proxy round: fresh proxy, warm up, then MEM_CONNS idle connections that carried data
@@ -518,6 +543,7 @@ run_mem() { # proxy round: fresh proxy, warm up, then MEM_CONNS idle connections
   sleep 1 # closes settle
   before=$(mem_sample "${ps[@]}")
   out="$RAW/mem-$proxy-r$round-hold.log"
+  : >"$out" # exists before the first grep below
   python3 "$BENCH/conns.py" hold --port "$port" --count "$MEM_CONNS" --timeout 120 --hold-max 600 >"$out" 2>&1 &
   holder=$!
   PIDS+=("$holder")
@@ -623,11 +649,11 @@ printf 'orders\t%s\n' "$(IFS=';'; echo "${ORDERS[*]}")" >>"$META"
 printf 'orders_udp\t%s\n' "$(IFS=';'; echo "${UDP_ORDERS[*]}")" >>"$META"
 
 BUDGET_END=$(($(date +%s) + QUIET_BUDGET))
-for test in iperf1 iperf8 close keepalive lat_tcp lat_udp; do
+for test in iperf1 iperf8 close keepalive lat_tcp lat_udp lat_tcp_cpu0 lat_udp_cpu0; do
   has_test "$test" || continue
   log "test $test: $ROUNDS round(s)"
   for ((r = 1; r <= ROUNDS; r++)); do
-    if [[ "$test" == lat_udp ]]; then order=$(rotate "$r" "${UDP_PATHS[@]}"); else order=$(order_for_round "$r"); fi
+    if [[ "$test" == lat_udp* ]]; then order=$(rotate "$r" "${UDP_PATHS[@]}"); else order=$(order_for_round "$r"); fi
     for path in $order; do
       for ((attempt = 1; attempt <= RETRIES + 1; attempt++)); do
         # Each attempt records into a scratch file; only the kept attempt reaches RESULTS.
@@ -642,6 +668,8 @@ for test in iperf1 iperf8 close keepalive lat_tcp lat_udp; do
           close | keepalive) run_wrk "$path" "$r" "$test" ;;
           lat_tcp) run_latency "$path" "$r" tcp ;;
           lat_udp) run_latency "$path" "$r" udp ;;
+          lat_tcp_cpu0) run_latency "$path" "$r" tcp pin ;;
+          lat_udp_cpu0) run_latency "$path" "$r" udp pin ;;
         esac
         foreign=$(foreign_end)
         RESULTS=$RESULTS_FINAL
