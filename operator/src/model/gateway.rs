@@ -34,10 +34,11 @@ pub const ADMIN_PORT: u16 = 9901;
 const CONFIG_DIR: &str = "/etc/l4proxy";
 const CONFIG_FILE: &str = "config.yaml";
 const CA_FILE: &str = "ca.crt";
-const TOKEN_DIR: &str = "/var/run/secrets/l4proxy.dev";
-const TOKEN_FILE: &str = "token";
+/// Where gateway pods and injected sidecars find their projected token.
+pub const TOKEN_DIR: &str = "/var/run/secrets/l4proxy.dev";
+pub const TOKEN_FILE: &str = "token";
 /// How long a gateway pod's projected token lives (the kubelet rotates it well before).
-const TOKEN_EXPIRY_SECONDS: i64 = 3600;
+pub const TOKEN_EXPIRY_SECONDS: i64 = 3600;
 
 /// How gateway pods reach the operator's config service.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,7 +139,7 @@ pub fn deployment(proxy: &L4Proxy, gateway: &GatewaySpec, image: &str, control: 
         ..Default::default()
     }];
     if control.is_some() {
-        volumes.push(token_volume());
+        volumes.push(token_volume("token"));
     }
     let pod = PodSpec {
         containers: vec![container(proxy, gateway.image.as_deref().unwrap_or(image), control)],
@@ -174,10 +175,11 @@ pub fn lowest_port_sysctl(listeners: &[Listener]) -> Option<Sysctl> {
 /// The sysctl that decides which ports a process without privileges may bind.
 pub const UNPRIVILEGED_PORT_START: &str = "net.ipv4.ip_unprivileged_port_start";
 
-/// A projected ServiceAccount token for the config service (audience `l4proxy.dev`).
-fn token_volume() -> Volume {
+/// A projected ServiceAccount token for the config service (audience `l4proxy.dev`, bound to
+/// the pod by the kubelet), as volume `name`: gateway pods' and injected sidecars'.
+pub fn token_volume(name: &str) -> Volume {
     Volume {
-        name: "token".into(),
+        name: name.into(),
         projected: Some(ProjectedVolumeSource {
             sources: Some(vec![VolumeProjection {
                 service_account_token: Some(ServiceAccountTokenProjection {
@@ -218,7 +220,7 @@ fn args(proxy: &L4Proxy, control: Option<&GatewayControl>) -> Vec<String> {
 }
 
 /// `POD_NAME` and `POD_NAMESPACE` from the downward API: the proxy's identity.
-fn pod_identity_env() -> Vec<EnvVar> {
+pub fn pod_identity_env() -> Vec<EnvVar> {
     let field = |name: &str, path: &str| EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {

@@ -16,16 +16,16 @@ use std::{collections::BTreeMap, sync::Arc};
 use json_patch::{AddOperation, Patch, PatchOperation, jsonptr::PointerBuf};
 use k8s_openapi::{
     api::core::v1::{
-        Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, Probe,
-        ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection,
-        Sysctl, Volume, VolumeMount, VolumeProjection,
+        Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Pod, Probe, ResourceRequirements,
+        SeccompProfile, SecurityContext, Sysctl, VolumeMount,
     },
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
 use kube::ResourceExt;
 
+pub use super::gateway::TOKEN_EXPIRY_SECONDS;
 use super::{
-    gateway::{self, UNPRIVILEGED_PORT_START},
+    gateway::{self, TOKEN_DIR, TOKEN_FILE, UNPRIVILEGED_PORT_START},
     selector,
 };
 use crate::api::{
@@ -41,10 +41,6 @@ pub const INJECTED_ANNOTATION: &str = "l4proxy.dev/injected";
 /// addresses: the kubelet probes the pod's address.
 pub const ADMIN_PORT: u16 = 9901;
 const TOKEN_VOLUME: &str = "l4proxy-token";
-const TOKEN_DIR: &str = "/var/run/secrets/l4proxy.dev";
-const TOKEN_FILE: &str = "token";
-/// How long the sidecar's projected token lives; the kubelet replaces it at 80 % of that.
-pub const TOKEN_EXPIRY_SECONDS: i64 = 3600;
 /// The user the sidecar runs as (the image's `USER`), so `runAsNonRoot` holds whatever the image.
 const SIDECAR_USER: i64 = 65532;
 /// The startup probe: every second, for at most this many seconds, before the kubelet restarts
@@ -287,19 +283,8 @@ fn container(sidecar: &Sidecar, resource: &str, overrides: &Overrides) -> Contai
     ]
     .map(String::from)
     .into();
-    let field = |name: &str, path: &str| EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut env = vec![
-        field("POD_NAME", "metadata.name"),
-        field("POD_NAMESPACE", "metadata.namespace"),
-        EnvVar { name: "L4PROXY_CA_PEM".into(), value: Some(sidecar.ca_pem.clone()), ..Default::default() },
-    ];
+    let mut env = gateway::pod_identity_env();
+    env.push(EnvVar { name: "L4PROXY_CA_PEM".into(), value: Some(sidecar.ca_pem.clone()), ..Default::default() });
     if let Some(level) = &overrides.log_level {
         env.push(EnvVar { name: "RUST_LOG".into(), value: Some(level.clone()), ..Default::default() });
     }
@@ -348,27 +333,6 @@ fn container(sidecar: &Sidecar, resource: &str, overrides: &Overrides) -> Contai
     }
 }
 
-/// The projected ServiceAccount token the sidecar subscribes with (audience `l4proxy.dev`,
-/// bound to the pod by the kubelet).
-fn token_volume() -> Volume {
-    Volume {
-        name: TOKEN_VOLUME.into(),
-        projected: Some(ProjectedVolumeSource {
-            sources: Some(vec![VolumeProjection {
-                service_account_token: Some(ServiceAccountTokenProjection {
-                    audience: Some(l4proxy::control::TOKEN_AUDIENCE.into()),
-                    expiration_seconds: Some(TOKEN_EXPIRY_SECONDS),
-                    path: TOKEN_FILE.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 /// Adds `container` as the first init container, its token volume, the annotation naming
 /// `resource`, and `sysctl` (for listeners below port 1024) unless the pod sets that sysctl itself.
 fn patch(pod: &Pod, container: Container, resource: &str, sysctl: Option<Sysctl>) -> Patch {
@@ -382,7 +346,7 @@ fn patch(pod: &Pod, container: Container, resource: &str, sysctl: Option<Sysctl>
     } else {
         add("/spec/initContainers", serde_json::Value::Array(vec![to_json(&container)]))
     });
-    let volume = token_volume();
+    let volume = gateway::token_volume(TOKEN_VOLUME);
     operations.push(if spec.and_then(|s| s.volumes.as_ref()).is_some() {
         add("/spec/volumes/-", to_json(&volume))
     } else {
