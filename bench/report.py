@@ -126,6 +126,13 @@ def ratio(a, b):
     return f"{a / b:.2f}×"
 
 
+def pos_ratio(a, b):
+    """Ratio of two added latencies; meaningless unless both are positive."""
+    if a is None or b is None or a <= 0 or b <= 0:
+        return "–"
+    return ratio(a, b)
+
+
 def table(results_path: str, meta_path: str) -> str:
     values = defaultdict(list)  # (test, path, metric) -> [values in round order]
     for line in open(results_path, encoding="utf-8"):
@@ -195,7 +202,7 @@ def table(results_path: str, meta_path: str) -> str:
             f"Latency at low load: `{meta.get('lat_args', 'sockperf ping-pong')}`, one connection (UDP: one "
             "client socket, one session), 1 KiB messages, one in flight; round-trip times in µs, medians over "
             "the rounds. \"added\" = through the proxy − direct, per round (same round), median over rounds; "
-            "a round trip crosses the proxy twice. \"all on CPU 0\": client, server and the proxy under test pinned to "
+            "a round trip crosses the proxy twice; a ratio of added latencies is shown only when both are positive. \"all on CPU 0\": client, server and the proxy under test pinned to "
             "CPU 0 (taskset) for the run, so no hop waits for an idle vCPU to wake.\n"
         )
         out.append(
@@ -211,7 +218,7 @@ def table(results_path: str, meta_path: str) -> str:
             out.append(
                 f"| {label} | {fmt(m['direct'], 1)} | {fmt(m['haproxy'], 1)} | {fmt(m['nginx'], 1)} | {fmt(m['l4proxy'], 1)} "
                 f"| {fmt(a['haproxy'], 1)} | {fmt(a['nginx'], 1)} | {fmt(a['l4proxy'], 1)} "
-                f"| {ratio(a['l4proxy'], a['haproxy'])} | {ratio(a['l4proxy'], a['nginx'])} |"
+                f"| {pos_ratio(a['l4proxy'], a['haproxy'])} | {pos_ratio(a['l4proxy'], a['nginx'])} |"
             )
         out.append("")
 
