@@ -30,17 +30,7 @@ target=$(cd "$repo" && cargo metadata --format-version 1 --no-deps | python3 -c 
 operator=$target/release/l4proxy-operator
 load=$target/release/examples/control_load
 
-eval "$("$repo/tests/controlplane/up" "$RAW/cp")"
-finish() {
-    local pid
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    "$repo/tests/controlplane/down" "$RAW/cp" --clean > /dev/null 2>&1 || true
-    rm -rf "$RAW"
-}
-trap finish EXIT
-
-"$kubectl" apply -f "$repo/crds/" > /dev/null
-"$kubectl" wait --for=condition=Established crd/l4proxies.l4proxy.dev > /dev/null
+control_plane_up "$repo" "$kubectl" "$RAW/cp"
 "$kubectl" create namespace "$ns" > /dev/null
 "$kubectl" -n "$ns" create serviceaccount bench > /dev/null
 "$kubectl" -n "$ns" create token bench --audience l4proxy.dev --duration 2h > "$RAW/token"

@@ -100,3 +100,21 @@ build_l4proxy() {
   fi
   [[ -x "$BIN" ]] || die "no l4proxy binary at $BIN"
 }
+
+# control_plane_up REPO KUBECTL DIR: the local control plane (tests/controlplane/up) with its
+# state in DIR and the L4Proxy CRD Established; at exit the PIDS started since are stopped, the
+# control plane goes down and DIR's parent ($RAW) is removed. Exports KUBECONFIG.
+control_plane_up() {
+    CP_REPO=$1 CP_DIR=$3
+    eval "$("$CP_REPO/tests/controlplane/up" "$CP_DIR")"
+    trap control_plane_finish EXIT
+    "$2" apply -f "$CP_REPO/crds/" > /dev/null
+    "$2" wait --for=condition=Established crd/l4proxies.l4proxy.dev > /dev/null
+}
+
+control_plane_finish() {
+    local pid
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    "$CP_REPO/tests/controlplane/down" "$CP_DIR" --clean > /dev/null 2>&1 || true
+    rm -rf "$RAW"
+}

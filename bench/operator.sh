@@ -29,16 +29,7 @@ else
     operator="${CARGO_TARGET_DIR:-$repo/target}/release/l4proxy-operator"
 fi
 
-eval "$("$repo/tests/controlplane/up" "$RAW/cp")"
-finish() {
-    local pid
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    "$repo/tests/controlplane/down" "$RAW/cp" --clean > /dev/null 2>&1 || true
-    rm -rf "$RAW"
-}
-trap finish EXIT
-
-"$kubectl" apply -f "$repo/crds/" > /dev/null
+control_plane_up "$repo" "$kubectl" "$RAW/cp"
 "$kubectl" create namespace "$ns" > /dev/null
 "$kubectl" wait --for=condition=Established crd/l4proxies.l4proxy.dev > /dev/null
 
