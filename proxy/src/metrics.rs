@@ -68,6 +68,8 @@ pub struct Metrics {
     bytes_received: Family<ListenerLabels, Counter>,
     bytes_sent: Family<ListenerLabels, Counter>,
     accept_errors: Family<ListenerLabels, Counter>,
+    splice_unavailable: Family<ListenerLabels, Counter>,
+    splice_pipe_small: Family<ListenerLabels, Counter>,
     datagrams_received: Family<ListenerLabels, Counter>,
     datagrams_sent: Family<ListenerLabels, Counter>,
     drops: Family<ReasonLabels, Counter>,
@@ -104,6 +106,8 @@ impl Metrics {
             bytes_received: Family::default(),
             bytes_sent: Family::default(),
             accept_errors: Family::default(),
+            splice_unavailable: Family::default(),
+            splice_pipe_small: Family::default(),
             datagrams_received: Family::default(),
             datagrams_sent: Family::default(),
             drops: Family::default(),
@@ -133,6 +137,16 @@ impl Metrics {
             "accept_errors",
             "Errors accepting a connection (e.g. out of file descriptors)",
             m.accept_errors.clone(),
+        );
+        r.register(
+            "splice_unavailable",
+            "Reads of busy TCP connections copied through user space because no pipe could be opened",
+            m.splice_unavailable.clone(),
+        );
+        r.register(
+            "splice_pipe_small",
+            "Pipes for splice(2) the kernel would not enlarge to 256 KiB (fs.pipe-user-pages-soft)",
+            m.splice_pipe_small.clone(),
         );
         r.register("datagrams_received", "UDP datagrams read from clients", m.datagrams_received.clone());
         r.register("datagrams_sent", "UDP datagrams written to clients", m.datagrams_sent.clone());
@@ -194,6 +208,8 @@ impl Metrics {
             bytes_received: handle(&self.bytes_received, &l),
             bytes_sent: handle(&self.bytes_sent, &l),
             accept_errors: handle(&self.accept_errors, &l),
+            splice_unavailable: handle(&self.splice_unavailable, &l),
+            splice_pipe_small: handle(&self.splice_pipe_small, &l),
             datagrams_received: handle(&self.datagrams_received, &l),
             datagrams_sent: handle(&self.datagrams_sent, &l),
             send_failed: handle(&self.drops, &reason(DropReason::SendFailed.label())),
@@ -275,6 +291,11 @@ pub struct ListenerMetrics {
     pub bytes_received: Counter,
     pub bytes_sent: Counter,
     pub accept_errors: Counter,
+    /// Reads of busy TCP connections that went through user space because no pipe for
+    /// `splice(2)` could be opened (out of file descriptors).
+    pub splice_unavailable: Counter,
+    /// New pipes the kernel kept below the size asked for (the user's pipe allowance).
+    pub splice_pipe_small: Counter,
     pub datagrams_received: Counter,
     pub datagrams_sent: Counter,
     send_failed: Counter,

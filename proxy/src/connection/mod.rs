@@ -7,6 +7,7 @@ mod error;
 pub mod pool;
 mod pump;
 mod settings;
+mod splice;
 mod tcp;
 mod udp;
 

@@ -149,7 +149,12 @@ impl ConnectionManager for TcpConnectionManager {
             super::pump::PumpOutcome { reason: error.close_reason(), error: Some(error), ..Default::default() }
         } else {
             drop(early);
-            let counters = ByteCounters { up: &settings.metrics.bytes_received, down: &settings.metrics.bytes_sent };
+            let counters = ByteCounters {
+                up: &settings.metrics.bytes_received,
+                down: &settings.metrics.bytes_sent,
+                no_pipe: &settings.metrics.splice_unavailable,
+                small_pipe: &settings.metrics.splice_pipe_small,
+            };
             let bounds = Bounds { idle: limits.idle_timeout.get(), deadline, cut: &self.cut };
             pump(&client, &backend, client_finished, bounds, counters).await
         };
