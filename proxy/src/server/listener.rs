@@ -16,6 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{
     accept::accept_loop,
     bind::{self, BindError},
+    workers::Workers,
 };
 use crate::{
     config::{ListenerConfig, Protocol},
@@ -69,19 +70,26 @@ impl Health {
 /// A new listener, bound and with its manager built: everything that can fail is done, and
 /// starting it only spawns its loops.
 pub(super) enum Bound {
-    Tcp(TcpListener, Arc<TcpConnectionManager>),
+    /// One socket per TCP worker.
+    Tcp(Vec<std::net::TcpListener>, Arc<TcpConnectionManager>),
     Udp(Vec<Arc<UdpSocket>>, Arc<UdpConnectionManager>),
 }
 
 impl Bound {
     /// Binds `listener`'s socket and builds its manager. `cut` ends TCP connections at the end
     /// of the shutdown drain.
-    pub fn new(listener: &ListenerConfig, metrics: &Metrics, cut: &CancellationToken) -> Result<Self, BindError> {
+    pub fn new(
+        listener: &ListenerConfig,
+        metrics: &Metrics,
+        cut: &CancellationToken,
+        workers: &Workers,
+    ) -> Result<Self, BindError> {
         let settings = ListenerSettings::new(listener.clone(), None, metrics);
         Ok(match listener.protocol {
-            Protocol::Tcp => {
-                Self::Tcp(bind::tcp(listener.address)?, Arc::new(TcpConnectionManager::new(settings, cut.clone())))
-            }
+            Protocol::Tcp => Self::Tcp(
+                bind::tcp_group(listener.address, workers.len())?,
+                Arc::new(TcpConnectionManager::new(settings, cut.clone())),
+            ),
             Protocol::Udp => {
                 let failed = BindError::at(listener.address);
                 let manager = UdpConnectionManager::new(settings, bind::udp(listener.address)?).map_err(failed)?;
@@ -99,14 +107,21 @@ impl Bound {
         listener: &ListenerConfig,
         connections: &TaskTracker,
         metrics: &Arc<Metrics>,
+        workers: &Workers,
     ) -> RunningListener {
         let stop = CancellationToken::new();
         let health = Arc::new(Health::default());
         let supervised = Supervised { listener: listener.name.as_str().into(), health: &health, stop: &stop, metrics };
         let (local, manager): (_, Arc<dyn ListenerManager>) = match self {
-            Self::Tcp(socket, manager) => {
-                let local = socket.local_addr().unwrap_or(listener.address);
-                supervised.spawn("accept", accept_loop(socket, manager.clone(), stop.clone(), connections.clone()));
+            Self::Tcp(sockets, manager) => {
+                let local = sockets.first().and_then(|s| s.local_addr().ok()).unwrap_or(listener.address);
+                for (socket, worker) in sockets.into_iter().zip(workers.handles()) {
+                    let (manager, stop, connections) = (manager.clone(), stop.clone(), connections.clone());
+                    // Registered with the worker's runtime there, so its connections stay on it.
+                    let accept =
+                        async move { accept_loop(TcpListener::from_std(socket)?, manager, stop, connections).await };
+                    supervised.spawn_on(worker, "accept", accept);
+                }
                 (local, manager)
             }
             Self::Udp(readers, manager) => {
@@ -140,7 +155,17 @@ struct Supervised<'a> {
 impl Supervised<'_> {
     /// Runs `task`, and a watcher that marks the listener down if it ends before `stop`.
     fn spawn(&self, kind: &'static str, task: impl Future<Output = io::Result<()>> + Send + 'static) {
-        let task: JoinHandle<io::Result<()>> = tokio::spawn(task);
+        self.spawn_on(&tokio::runtime::Handle::current(), kind, task);
+    }
+
+    /// [`Self::spawn`], the task on `runtime` (the watcher on the current one).
+    fn spawn_on(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        kind: &'static str,
+        task: impl Future<Output = io::Result<()>> + Send + 'static,
+    ) {
+        let task: JoinHandle<io::Result<()>> = runtime.spawn(task);
         let (listener, health, stop, metrics) =
             (self.listener.clone(), self.health.clone(), self.stop.clone(), self.metrics.clone());
         tokio::spawn(async move {

@@ -4,11 +4,13 @@
 //! - `listener`: a running listener, its loops and its health.
 //! - `accept`: the TCP accept loop (the UDP receive loop is the UDP manager's).
 //! - [`stats`]: the `/stats` document.
+//! - `workers`: the TCP data-plane threads, one single-threaded runtime each.
 
 mod accept;
 pub mod bind;
 mod listener;
 pub mod stats;
+mod workers;
 
 use std::{
     net::SocketAddr,
@@ -32,6 +34,7 @@ use crate::{
 };
 use bind::BindError;
 use listener::{Bound, RunningListener};
+use workers::Workers;
 
 /// How often host-name backends are re-resolved.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -89,6 +92,8 @@ pub enum ApplyError {
     Bind(#[from] BindError),
     #[error("the proxy is shutting down")]
     ShuttingDown,
+    #[error("cannot start the TCP worker threads")]
+    Workers(#[source] std::io::Error),
 }
 
 impl ApplyError {
@@ -97,6 +102,7 @@ impl ApplyError {
             Self::Config(e) => e.label(),
             Self::Bind(_) => "bind_failed",
             Self::ShuttingDown => "shutting_down",
+            Self::Workers(_) => "workers_failed",
         }
     }
 }
@@ -116,6 +122,8 @@ pub struct Proxy {
     /// Set when a control plane pushes the config: `/readyz` waits for a config to serve and
     /// `/stats` shows the stream's state.
     control: Option<Arc<control::Status>>,
+    /// Where TCP connections are accepted and served: as many as the runtime has workers.
+    workers: Workers,
 }
 
 impl Proxy {
@@ -149,6 +157,8 @@ impl Proxy {
             stopping: CancellationToken::new(),
             draining: AtomicBool::new(false),
             control,
+            workers: Workers::start(tokio::runtime::Handle::current().metrics().num_workers())
+                .map_err(ApplyError::Workers)?,
         });
         proxy.apply(config)?;
         tokio::spawn(proxy.clone().re_resolve_periodically());
@@ -227,7 +237,7 @@ impl Proxy {
         let mut fresh = Vec::new();
         for (i, listener) in config.listeners.iter().enumerate() {
             if !state.listeners.iter().any(|r| r.is(listener)) {
-                fresh.push((i, Bound::new(listener, &self.metrics, &self.cut)?));
+                fresh.push((i, Bound::new(listener, &self.metrics, &self.cut, &self.workers)?));
             }
         }
         let admin = match config.admin {
@@ -249,7 +259,7 @@ impl Proxy {
             let Some((_, bound)) = fresh.next_if(|(j, _)| *j == i) else {
                 unreachable!("every listener not running was bound above, in order")
             };
-            next.push(bound.start(listener, &self.connections, &self.metrics));
+            next.push(bound.start(listener, &self.connections, &self.metrics, &self.workers));
         }
         for removed in state.listeners.drain(..) {
             removed.stop_accepting();
