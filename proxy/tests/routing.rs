@@ -269,7 +269,23 @@ async fn udp_datagrams_to_an_unmatched_route_use_the_default() {
 
 #[tokio::test]
 async fn proxy_header_from_a_trusted_source_is_read_and_passed_on_as_v1() {
-    let (backend, mut seen) = recording_backend("ok").await;
+    // A backend that reads until the v1 header and the payload are in (the proxy serves on
+    // threads of its own, so they may come in reads of their own), then replies.
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = server.local_addr().unwrap();
+    let (seen_tx, seen) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = server.accept().await.unwrap();
+        let mut received = Vec::new();
+        let mut buf = [0u8; 256];
+        while proxy_protocol::parse(&received).unwrap().is_none_or(|p| received.len() < p.len + b"payload".len()) {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the stream ended after {received:?}");
+            received.extend_from_slice(&buf[..n]);
+        }
+        stream.write_all(b"ok").await.unwrap();
+        let _ = seen_tx.send(received);
+    });
     let yaml = format!(
         "listeners:\n- name: behind-lb\n  address: 127.0.0.1:0\n  acceptProxyProtocol: {{trustedSources: ['127.0.0.0/8']}}\n  loadBalancing: SourceHash\n  backends: [{{address: '{backend}', proxyProtocol: v1}}]\n"
     );
@@ -283,8 +299,8 @@ async fn proxy_header_from_a_trusted_source_is_read_and_passed_on_as_v1() {
     stream.write_all(&header).await.unwrap();
     stream.write_all(b"payload").await.unwrap();
     let mut reply = [0u8; 2];
-    stream.read_exact(&mut reply).await.unwrap();
-    let received = seen.recv().await.unwrap();
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut reply)).await.unwrap().unwrap();
+    let received = seen.await.unwrap();
     let parsed = proxy_protocol::parse(&received).unwrap().expect("a v1 header reaches the backend");
     assert_eq!(parsed.version, Version::V1);
     assert_eq!(parsed.addresses, Addresses::Proxied { source: client, destination: original });
@@ -340,8 +356,9 @@ async fn proxy_header_announcing_a_datagram_transport_on_a_tcp_listener_is_refus
         &mut header,
     );
     let mut stream = TcpStream::connect(proxy.listener_address("pp").unwrap()).await.unwrap();
+    // In one write: the proxy may refuse the header (and reset) before a second write.
+    header.extend_from_slice(b"hello");
     stream.write_all(&header).await.unwrap();
-    stream.write_all(b"hello").await.unwrap();
     assert!(read_to_eof(&mut stream).await.map(|b| b.is_empty()).unwrap_or(true));
     wait_until("the close is counted", || proxy.stats().listeners[0].closed["proxy_protocol"] == 1).await;
     assert!(seen.try_recv().is_err(), "nothing reached the backend");

@@ -525,27 +525,11 @@ async fn a_client_reset_reaches_the_backend_as_a_reset() {
     }
 }
 
-/// Listening sockets of this process bound to `address`.
-fn listening_sockets_at(address: SocketAddr) -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&fd| {
-            // SAFETY: only borrowed for the two calls below; a descriptor that closed meanwhile
-            // makes them fail, which skips it.
-            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-            let socket = socket2::SockRef::from(&borrowed);
-            socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(address)
-                && socket.is_listener().unwrap_or(false)
-        })
-        .count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn a_tcp_listener_has_a_socket_per_worker_and_every_one_is_served() {
     let echo = Echo::start().await;
     let (_proxy, address) = proxy_to(&[echo.address], "").await;
-    assert_eq!(listening_sockets_at(address), 3, "one SO_REUSEPORT socket per worker");
+    assert_eq!(sockets_bound_at(address, socket2::Type::STREAM), 3, "one SO_REUSEPORT socket per worker");
     // The kernel spreads connections over the sockets by their addresses: with 60 of them,
     // each socket gets some (all but certainly), and one whose worker did not accept would
     // leave its connections unanswered.

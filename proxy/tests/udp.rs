@@ -203,3 +203,47 @@ async fn a_burst_from_500_new_clients_is_held_by_the_receive_buffer_and_none_is_
     let (_, metrics) = http_get(proxy.admin_address().unwrap(), "/metrics").await;
     assert!(metrics.contains(r#"l4proxy_udp_receive_drops_total{listener="dns"} 0"#), "the series is there");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_udp_listener_has_a_socket_per_worker_and_every_one_is_served() {
+    let backend = udp_echo().await;
+    let (_proxy, address) = udp_proxy(&[backend], "").await;
+    assert_eq!(sockets_bound_at(address, socket2::Type::DGRAM), 3, "one SO_REUSEPORT socket per worker");
+    // The kernel hashes each client's address to one of the sockets: with 60 clients each
+    // socket gets some (all but certainly), and one that no worker read would leave its
+    // clients unanswered.
+    let mut clients = Vec::new();
+    for i in 0..60u8 {
+        let client = client().await;
+        let reply = exchange(&client, address, &[i; 8]).await;
+        assert!(reply.as_ref().is_some_and(|r| r.ends_with(&[i; 8])), "client {i}: {reply:?}");
+        clients.push(client);
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_replies_larger_than_one_read_batch_all_reach_the_client() {
+    // The backend answers one datagram with 50 at once: the proxy reads replies in batches and
+    // stops reading once a batch comes back short, so none may be left behind in its queue.
+    let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let backend_address = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = backend.recv_from(&mut buf).await {
+            for i in 0..50u8 {
+                let _ = backend.send_to(&[i; 16], from).await;
+            }
+        }
+    });
+    let (_proxy, address) = udp_proxy(&[backend_address], "").await;
+    let client = client().await;
+    client.send_to(b"go", address).await.unwrap();
+    let mut buf = [0u8; 64];
+    for i in 0..50u8 {
+        let (n, _) = tokio::time::timeout(DEADLINE, client.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("reply {i} did not come"))
+            .unwrap();
+        assert_eq!(&buf[..n], &[i; 16]);
+    }
+}

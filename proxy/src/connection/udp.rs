@@ -48,6 +48,8 @@ const RECV_BATCH: usize = 8;
 const MAX_DATAGRAM: usize = 65_535;
 /// Replies relayed per session wakeup before yielding to other sessions.
 const REPLY_BATCH: usize = 32;
+/// Replies read from a backend per receive call (`recvmmsg`).
+const REPLY_RECV_BATCH: usize = 4;
 
 /// The key of a UDP session: the client, and the local address it sent to.
 pub type SessionKey = (SocketAddr, SocketAddr);
@@ -55,6 +57,8 @@ pub type SessionKey = (SocketAddr, SocketAddr);
 thread_local! {
     // Used only inside one synchronous receive-then-send step, never across an await.
     static BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_DATAGRAM + proxy_protocol::MAX_HEADER_LEN].into_boxed_slice());
+    // The reply path's receive buffers, REPLY_RECV_BATCH of MAX_DATAGRAM; the same rule.
+    static REPLIES: RefCell<Box<[u8]>> = RefCell::new(vec![0; REPLY_RECV_BATCH * MAX_DATAGRAM].into_boxed_slice());
 }
 
 /// Who a session is and where it goes.
@@ -157,10 +161,13 @@ struct Probing {
     slot: Option<Slot>,
 }
 
-/// Serves one UDP listening socket.
+/// Serves one UDP listener: a group of `SO_REUSEPORT` sockets on its address, one per worker
+/// thread (the kernel hashes each client to one of them, so a session's datagrams are read on
+/// one thread). Not registered with a runtime here: each worker registers its own reader.
 pub struct UdpConnectionManager {
     settings: ArcSwap<ListenerSettings>,
-    socket: Arc<UdpSocket>,
+    /// The group; replies go out of the first (any of them sends from the listener's address).
+    sockets: Vec<std::net::UdpSocket>,
     state: UdpSocketState,
     local: SocketAddr,
     pool: DashMapConnectionPool<SessionKey, Arc<UdpConnection>>,
@@ -170,52 +177,50 @@ pub struct UdpConnectionManager {
 }
 
 impl UdpConnectionManager {
-    /// Serves `socket`. Shutdown ends its sessions through [`ListenerManager::close_all`].
-    pub fn new(settings: ListenerSettings, socket: UdpSocket) -> io::Result<Self> {
-        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
-        let local = socket.local_addr()?;
+    /// Serves `sockets` (non-blocking, bound to one address; at least one). Shutdown ends its
+    /// sessions through [`ListenerManager::close_all`].
+    pub fn new(settings: ListenerSettings, sockets: Vec<std::net::UdpSocket>) -> io::Result<Self> {
+        let first = sockets.first().ok_or_else(|| io::Error::other("a UDP listener needs a socket"))?;
+        let local = first.local_addr()?;
+        // Each socket gets the options (packet info, GRO) the state sets; one state serves all.
+        let state = UdpSocketState::new(UdpSockRef::from(first))?;
+        for socket in &sockets[1..] {
+            UdpSocketState::new(UdpSockRef::from(socket))?;
+        }
         let pool = DashMapConnectionPool::new(settings.limits().max_connections as usize, expiry(&settings));
-        size_receive_buffer(&socket, &settings)?;
-        Ok(Self {
-            settings: ArcSwap::from_pointee(settings),
-            socket: Arc::new(socket),
-            state,
-            local,
-            pool,
-            probing: DashMap::new(),
-        })
+        for socket in &sockets {
+            size_receive_buffer(socket, &settings)?;
+        }
+        Ok(Self { settings: ArcSwap::from_pointee(settings), sockets, state, local, pool, probing: DashMap::new() })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
     }
 
-    /// The listening socket's receive buffer as the kernel sized it.
+    /// A listening socket's receive buffer as the kernel sized it (all of the group's are sized
+    /// alike).
     pub fn receive_buffer(&self) -> io::Result<usize> {
-        effective_receive_buffer(&self.socket)
+        effective_receive_buffer(&self.sockets[0])
     }
 
-    /// Sockets to read the listener from: the listener socket and `count - 1` duplicates of it,
-    /// so that `count` receive loops (one per worker thread) drain one queue in parallel.
-    pub fn readers(&self, count: usize) -> io::Result<Vec<Arc<UdpSocket>>> {
-        let mut readers = vec![self.socket.clone()];
-        for _ in 1..count {
-            let clone: std::net::UdpSocket = socket2::SockRef::from(&*self.socket).try_clone()?.into();
-            readers.push(Arc::new(UdpSocket::from_std(clone)?));
-        }
-        Ok(readers)
+    /// One reader per socket of the group (a duplicate descriptor of it), for the receive loops.
+    pub fn readers(&self) -> io::Result<Vec<std::net::UdpSocket>> {
+        self.sockets.iter().map(std::net::UdpSocket::try_clone).collect()
     }
 
-    /// Reads datagrams from `socket` (see [`Self::readers`]) until `stop`, dispatching each to
-    /// its session; returns the error if the socket fails. The loop that `sweeps` also expires
+    /// Reads datagrams from `socket` (one of [`Self::readers`], registered here with the
+    /// current runtime, where its sessions then run) until `stop`, dispatching each to its
+    /// session; returns the error if the socket fails. The loop that `sweeps` also expires
     /// sessions and probes.
     pub async fn receive(
         self: Arc<Self>,
-        socket: Arc<UdpSocket>,
+        socket: std::net::UdpSocket,
         sweeps: bool,
         stop: CancellationToken,
         sessions: TaskTracker,
     ) -> io::Result<()> {
+        let socket = UdpSocket::from_std(socket)?;
         let mut buffers = vec![0u8; RECV_BATCH * MAX_DATAGRAM];
         let mut slices: Vec<IoSliceMut<'_>> = buffers.chunks_mut(MAX_DATAGRAM).map(IoSliceMut::new).collect();
         let mut metas = [RecvMeta::default(); RECV_BATCH];
@@ -230,10 +235,21 @@ impl UdpConnectionManager {
                 _ = sweep.tick(), if sweeps => { self.sweep(&sessions); continue; }
                 ready = socket.readable() => ready?,
             }
-            let received = socket
-                .try_io(Interest::READABLE, || self.state.recv(UdpSockRef::from(&*socket), &mut slices, &mut metas));
+            // A batch short of RECV_BATCH emptied the queue: its readiness is cleared here, as
+            // a `WouldBlock` would, which saves the next `recvmmsg` that would only return
+            // `EAGAIN` (edge-triggered: a datagram arriving later raises readiness again).
+            let mut drained = 0;
+            let received = socket.try_io(Interest::READABLE, || {
+                let count = self.state.recv(UdpSockRef::from(&socket), &mut slices, &mut metas)?;
+                if count < RECV_BATCH {
+                    drained = count;
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(count)
+            });
             let count = match received {
                 Ok(count) => count,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && drained > 0 => drained,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(error) => {
                     // e.g. an ICMP error queued on the socket; the next read goes on.
@@ -389,11 +405,35 @@ impl UdpConnectionManager {
     }
 
     /// Sends a backend's reply to the client, from the local address the client wrote to.
+    /// Reads one batch of `session`'s backend replies into `buffers` and sends each to its
+    /// client: the datagrams read (reading stops at the first error).
+    fn relay_replies(&self, session: &UdpConnection, buffers: &mut [u8]) -> io::Result<usize> {
+        let (client, local) = (session.info.context.source, session.info.context.destination);
+        let mut chunks = buffers.chunks_mut(MAX_DATAGRAM);
+        let mut slices: [IoSliceMut<'_>; REPLY_RECV_BATCH] =
+            std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+        let mut metas = [RecvMeta::default(); REPLY_RECV_BATCH];
+        let count = self.state.recv(UdpSockRef::from(&session.upstream), &mut slices, &mut metas)?;
+        let metrics = &session.settings.metrics;
+        for (meta, slice) in metas.iter().zip(&slices).take(count) {
+            let reply = &slice[..meta.len.min(slice.len())];
+            if self.send_down(client, local.ip(), reply) {
+                metrics.datagrams_sent.inc();
+                metrics.bytes_sent.inc_by(reply.len() as u64);
+                session.datagrams_down.fetch_add(1, Ordering::Relaxed);
+                session.bytes_down.fetch_add(reply.len() as u64, Ordering::Relaxed);
+            } else {
+                metrics.dropped(DropReason::SendFailed).inc();
+            }
+        }
+        Ok(count)
+    }
+
     fn send_down(&self, client: SocketAddr, local: IpAddr, data: &[u8]) -> bool {
         let transmit =
             Transmit { destination: client, ecn: None, contents: data, segment_size: None, src_ip: Some(local) };
         // Not through tokio's readiness (see `UdpConnection::send_up`): a plain non-blocking send.
-        self.state.try_send(UdpSockRef::from(&*self.socket), &transmit).is_ok()
+        self.state.try_send(UdpSockRef::from(&self.sockets[0]), &transmit).is_ok()
     }
 }
 
@@ -407,7 +447,7 @@ impl ListenerManager for UdpConnectionManager {
     fn update(&self, config: ListenerConfig, metrics: &Metrics) {
         let next = ListenerSettings::new(config, Some(&self.settings.load()), metrics);
         if next.limits().receive_buffer_bytes != self.settings.load().limits().receive_buffer_bytes
-            && let Err(error) = size_receive_buffer(&self.socket, &next)
+            && let Err(error) = self.sockets.iter().try_for_each(|socket| size_receive_buffer(socket, &next))
         {
             tracing::warn!(listener = %next.name, %error, "cannot resize the receive buffer; it stays as it was");
         }
@@ -427,7 +467,7 @@ impl ListenerManager for UdpConnectionManager {
     }
 
     fn receive_drops(&self) -> Option<u64> {
-        crate::sys::receive_drops(&*self.socket).ok()
+        self.sockets.iter().map(crate::sys::receive_drops).sum::<io::Result<u64>>().ok()
     }
 
     fn close_all(&self) {
@@ -440,7 +480,7 @@ impl ListenerManager for UdpConnectionManager {
 
 /// Sets the listening socket's receive buffer to the configured size, and warns when the kernel
 /// grants less (it caps the request at `net.core.rmem_max`).
-fn size_receive_buffer(socket: &UdpSocket, settings: &ListenerSettings) -> io::Result<()> {
+fn size_receive_buffer(socket: &std::net::UdpSocket, settings: &ListenerSettings) -> io::Result<()> {
     let Some(wanted) = settings.limits().receive_buffer_bytes else { return Ok(()) };
     socket2::SockRef::from(socket).set_recv_buffer_size(wanted as usize)?;
     let granted = effective_receive_buffer(socket)?;
@@ -457,7 +497,7 @@ fn size_receive_buffer(socket: &UdpSocket, settings: &ListenerSettings) -> io::R
 
 /// The receive buffer's size for datagrams: Linux reports twice what was asked (the other half
 /// is its bookkeeping), so half of the reported size.
-fn effective_receive_buffer(socket: &UdpSocket) -> io::Result<usize> {
+fn effective_receive_buffer(socket: &std::net::UdpSocket) -> io::Result<usize> {
     Ok(socket2::SockRef::from(socket).recv_buffer_size()? / 2)
 }
 
@@ -563,34 +603,37 @@ impl ConnectionManager for UdpConnectionManager {
     /// or shutdown), then reports it.
     async fn handle_connection(&self, session: Arc<UdpConnection>) -> ConnectionMetrics {
         let (client, local) = (session.info.context.source, session.info.context.destination);
-        let metrics = &session.settings.metrics;
         // Should this task die, the session leaves the pool with it (the guard runs as it unwinds).
         let _leave = LeaveOnUnwind { pool: &self.pool, session: &session };
+        // One registration for the task's life (`end` stores a permit, so none is missed).
+        let mut ended = std::pin::pin!(session.ended.notified());
         loop {
             tokio::select! {
                 biased;
-                _ = session.ended.notified() => break,
+                _ = &mut ended => break,
                 ready = session.upstream.readable() => if ready.is_err() { break },
             }
             // Drain what is queued (bounded per wakeup, so one busy session cannot starve the
             // others), marking the session used once per batch rather than per datagram.
             let mut relayed = 0;
-            for _ in 0..REPLY_BATCH {
-                let received = BUFFER.with_borrow_mut(|buf| {
-                    let n = session.upstream.try_recv(buf)?;
-                    if self.send_down(client, local.ip(), &buf[..n]) {
-                        metrics.datagrams_sent.inc();
-                        metrics.bytes_sent.inc_by(n as u64);
-                        session.datagrams_down.fetch_add(1, Ordering::Relaxed);
-                        session.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
-                    } else {
-                        metrics.dropped(DropReason::SendFailed).inc();
+            while relayed < REPLY_BATCH {
+                // A batch short of REPLY_RECV_BATCH emptied the queue: readiness is cleared, as
+                // on the listener (see `receive`), saving a `recvmmsg` that would find nothing.
+                let mut drained = 0;
+                let received = session.upstream.try_io(Interest::READABLE, || {
+                    let count = REPLIES.with_borrow_mut(|buffers| self.relay_replies(&session, buffers))?;
+                    if count < REPLY_RECV_BATCH {
+                        drained = count;
+                        return Err(io::ErrorKind::WouldBlock.into());
                     }
-                    Ok::<_, io::Error>(n)
+                    Ok(count)
                 });
                 match received {
-                    Ok(_) => relayed += 1,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Ok(count) => relayed += count,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        relayed += drained;
+                        break;
+                    }
                     // ICMP port unreachable from the backend surfaces here; the session stays
                     // until it idles out, as the backend may come back.
                     Err(error) => {
@@ -642,13 +685,9 @@ mod tests {
         let config = check(&crate::config::parse_yaml(&yaml).unwrap()).unwrap();
         let metrics = Metrics::new();
         let settings = ListenerSettings::new(config.listeners[0].clone(), None, &metrics);
-        let socket = UdpSocket::from_std({
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            s.set_nonblocking(true).unwrap();
-            s
-        })
-        .unwrap();
-        (Arc::new(UdpConnectionManager::new(settings, socket).unwrap()), metrics)
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        (Arc::new(UdpConnectionManager::new(settings, vec![socket]).unwrap()), metrics)
     }
 
     /// A UDP server on loopback that answers every datagram with "re:" and the datagram.

@@ -7,10 +7,7 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use tokio::{
-    net::{TcpListener, UdpSocket},
-    task::JoinHandle,
-};
+use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
@@ -70,9 +67,10 @@ impl Health {
 /// A new listener, bound and with its manager built: everything that can fail is done, and
 /// starting it only spawns its loops.
 pub(super) enum Bound {
-    /// One socket per TCP worker.
+    /// One socket per worker.
     Tcp(Vec<std::net::TcpListener>, Arc<TcpConnectionManager>),
-    Udp(Vec<Arc<UdpSocket>>, Arc<UdpConnectionManager>),
+    /// One reader per UDP worker.
+    Udp(Vec<std::net::UdpSocket>, Arc<UdpConnectionManager>),
 }
 
 impl Bound {
@@ -91,11 +89,9 @@ impl Bound {
                 Arc::new(TcpConnectionManager::new(settings, cut.clone())),
             ),
             Protocol::Udp => {
-                let failed = BindError::at(listener.address);
-                let manager = UdpConnectionManager::new(settings, bind::udp(listener.address)?).map_err(failed)?;
-                // One receive loop per worker thread, so a flood is read on every core.
-                let workers = tokio::runtime::Handle::current().metrics().num_workers();
-                let readers = manager.readers(workers).map_err(BindError::at(listener.address))?;
+                let sockets = bind::udp_group(listener.address, workers.len())?;
+                let manager = UdpConnectionManager::new(settings, sockets).map_err(BindError::at(listener.address))?;
+                let readers = manager.readers().map_err(BindError::at(listener.address))?;
                 Self::Udp(readers, Arc::new(manager))
             }
         })
@@ -125,9 +121,9 @@ impl Bound {
                 (local, manager)
             }
             Self::Udp(readers, manager) => {
-                for (i, reader) in readers.into_iter().enumerate() {
+                for (i, (reader, worker)) in readers.into_iter().zip(workers.handles()).enumerate() {
                     let receive = manager.clone().receive(reader, i == 0, stop.clone(), connections.clone());
-                    supervised.spawn("receive", receive);
+                    supervised.spawn_on(worker, "receive", receive);
                 }
                 (manager.local_addr(), manager)
             }
@@ -153,12 +149,8 @@ struct Supervised<'a> {
 }
 
 impl Supervised<'_> {
-    /// Runs `task`, and a watcher that marks the listener down if it ends before `stop`.
-    fn spawn(&self, kind: &'static str, task: impl Future<Output = io::Result<()>> + Send + 'static) {
-        self.spawn_on(&tokio::runtime::Handle::current(), kind, task);
-    }
-
-    /// [`Self::spawn`], the task on `runtime` (the watcher on the current one).
+    /// Runs `task` on `runtime` (a worker's), and on the current one a watcher that marks the
+    /// listener down if the task ends before `stop`.
     fn spawn_on(
         &self,
         runtime: &tokio::runtime::Handle,

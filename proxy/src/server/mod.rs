@@ -4,7 +4,7 @@
 //! - `listener`: a running listener, its loops and its health.
 //! - `accept`: the TCP accept loop (the UDP receive loop is the UDP manager's).
 //! - [`stats`]: the `/stats` document.
-//! - `workers`: the TCP data-plane threads, one single-threaded runtime each.
+//! - `workers`: the data-plane threads, one single-threaded runtime each.
 
 mod accept;
 pub mod bind;
@@ -92,7 +92,7 @@ pub enum ApplyError {
     Bind(#[from] BindError),
     #[error("the proxy is shutting down")]
     ShuttingDown,
-    #[error("cannot start the TCP worker threads")]
+    #[error("cannot start the worker threads")]
     Workers(#[source] std::io::Error),
 }
 
@@ -122,7 +122,8 @@ pub struct Proxy {
     /// Set when a control plane pushes the config: `/readyz` waits for a config to serve and
     /// `/stats` shows the stream's state.
     control: Option<Arc<control::Status>>,
-    /// Where TCP connections are accepted and served: as many as the runtime has workers.
+    /// Where connections and sessions are accepted and served: as many as the runtime has
+    /// workers.
     workers: Workers,
 }
 

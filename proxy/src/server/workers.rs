@@ -1,9 +1,11 @@
-//! The TCP data-plane threads: one single-threaded tokio runtime per worker. Each TCP listener
-//! has one `SO_REUSEPORT` socket per worker ([`super::bind::tcp_group`]); the kernel spreads new
-//! connections over them, and a worker accepts from its own socket and serves those connections
-//! to their end on its own thread. So a connection's events never wake another thread, and
-//! nothing on its path crosses threads (tokio's multi-thread scheduler, which the rest of the
-//! proxy runs on, hands tasks between workers and wakes parked ones to steal them).
+//! The data-plane threads: one single-threaded tokio runtime per worker. Each listener has one
+//! `SO_REUSEPORT` socket per worker ([`super::bind::tcp_group`], [`super::bind::udp_group`]);
+//! the kernel spreads new connections (and UDP clients, by address) over them, and a worker
+//! accepts or reads from its own socket and serves those connections and sessions to their end
+//! on its own thread. So their events never wake another thread, and nothing on their path
+//! crosses threads (tokio's multi-thread scheduler, which the rest of the proxy runs on: admin,
+//! control plane, reloads, re-resolution; hands tasks between workers and wakes parked ones
+//! to steal them, which cost a `futex` wake-up and a context switch per hand-off).
 
 use std::{io, sync::mpsc};
 
@@ -25,7 +27,7 @@ impl Workers {
         for i in 0..count.max(1) {
             let (handle_tx, handle_rx) = mpsc::sync_channel(1);
             let stopped = stop.clone();
-            std::thread::Builder::new().name(format!("l4proxy-tcp-{i}")).spawn(move || {
+            std::thread::Builder::new().name(format!("l4proxy-worker-{i}")).spawn(move || {
                 let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(runtime) => runtime,
                     Err(error) => return drop(handle_tx.send(Err(error))),
@@ -34,7 +36,7 @@ impl Workers {
                     runtime.block_on(stopped.cancelled());
                 }
             })?;
-            let handle = handle_rx.recv().map_err(|_| io::Error::other("a TCP worker thread ended at start"))??;
+            let handle = handle_rx.recv().map_err(|_| io::Error::other("a worker thread ended at start"))??;
             handles.push(handle);
         }
         Ok(Self { handles, stop })
@@ -72,7 +74,7 @@ mod tests {
                 rx.recv().unwrap()
             })
             .collect();
-        assert_eq!(names, ["l4proxy-tcp-0", "l4proxy-tcp-1"]);
+        assert_eq!(names, ["l4proxy-worker-0", "l4proxy-worker-1"]);
         let handle = workers.handles()[0].clone();
         drop(workers);
         // Once its thread's block_on returns the runtime shuts down, and a task spawned on it

@@ -128,6 +128,28 @@ pub fn break_listening_socket(address: SocketAddr) {
 }
 
 /// An address on 127.0.0.1 where nothing listens: connects are refused.
+/// Distinct sockets of this process of `kind` bound to `address` (for TCP, listening ones),
+/// however many descriptors each has.
+#[allow(dead_code)] // not every test file uses every helper
+pub fn sockets_bound_at(address: SocketAddr, kind: socket2::Type) -> usize {
+    let mut sockets = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let Ok(entry) = entry else { continue };
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        // SAFETY: only borrowed for the calls below; a descriptor that closed meanwhile makes
+        // them fail, which skips it.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&borrowed);
+        let bound = socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(address);
+        let listening = kind != socket2::Type::STREAM || socket.is_listener().unwrap_or(false);
+        if bound && listening && socket.r#type().is_ok_and(|t| t == kind) {
+            sockets.insert(target);
+        }
+    }
+    sockets.len()
+}
+
 pub fn refused_address() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
