@@ -35,7 +35,9 @@ struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Worker threads serving connections (default: one per CPU). A sidecar usually wants 1.
+    /// Data-plane threads (default: one per CPU): each listener gets one SO_REUSEPORT socket
+    /// per worker, and a connection stays on the worker that accepted it. A sidecar usually
+    /// wants 1.
     #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: Option<u16>,
     #[command(subcommand)]

@@ -100,10 +100,11 @@ impl ConnectionManager for TcpConnectionManager {
 
     async fn handle_connection(&self, connection: TcpConnection) -> ConnectionMetrics {
         let TcpConnection { mut context, client, settings, _slot, _open } = connection;
-        let limits = *settings.limits();
+        // A reference, not a copy: a local lives in the task's state for the whole connection.
+        let limits = settings.limits();
 
         if let Some(trusted) = &settings.config.accept_proxy_protocol {
-            match accept_proxy_header(&client, &context, trusted, limits.probe_timeout.get()).await {
+            match Box::pin(accept_proxy_header(&client, &context, trusted, limits.probe_timeout.get())).await {
                 Ok(Some((source, destination))) => (context.source, context.destination) = (source, destination),
                 Ok(None) => {}
                 Err(error) => return ConnectionMetrics::failed(context, error),
@@ -114,7 +115,7 @@ impl ConnectionManager for TcpConnectionManager {
         let mut early = Vec::new();
         let mut client_finished = false;
         let backends = if settings.probes() {
-            let probe = read_probe(&client, &mut early, limits.probe_timeout.get()).await;
+            let probe = Box::pin(read_probe(&client, &mut early, limits.probe_timeout.get())).await;
             client_finished = probe.client_finished;
             let Some(backends) = settings.route(&probe.routing_view()) else {
                 let error = ConnectionError::NoRoute { listener: context.listener.clone(), src: context.source };
@@ -125,8 +126,12 @@ impl ConnectionManager for TcpConnectionManager {
             &settings.backends
         };
 
-        let connected = backends.connect(&context, limits.connect_timeout.get(), limits.ejection_cooldown.get()).await;
-        let Connected { stream: mut backend, address, lease, attempts, proxy_protocol } = match connected {
+        // Boxed, as are the other set-up steps: an async fn's state is as large as its largest
+        // step, and the connection holds that state for its whole life (the copy's step is
+        // the small one). No named `Result` either: a local keeps its room in the state.
+        let connect = backends.connect(&context, limits.connect_timeout.get(), limits.ejection_cooldown.get());
+        let Connected { stream: mut backend, address, lease, attempts, proxy_protocol } = match Box::pin(connect).await
+        {
             Ok(connected) => connected,
             Err(error) => return ConnectionMetrics::failed(context, error),
         };
@@ -144,7 +149,12 @@ impl ConnectionManager for TcpConnectionManager {
             prefix.extend_from_slice(&early);
             early = prefix;
         }
-        let outcome = if let Err(source) = send_early(&mut backend, &early, limits.idle_timeout.get()).await {
+        let sent = if early.is_empty() {
+            Ok(())
+        } else {
+            Box::pin(send_early(&mut backend, &early, limits.idle_timeout.get())).await
+        };
+        let outcome = if let Err(source) = sent {
             let error = ConnectionError::Broken { leg: Leg::Backend, source };
             super::pump::PumpOutcome { reason: error.close_reason(), error: Some(error), ..Default::default() }
         } else {
@@ -408,5 +418,19 @@ mod tests {
         let err = metrics.error.expect("the connect error");
         assert!(err.to_string().contains(&dead.to_string()), "{err}");
         assert_eq!(manager.connection_count(), 0, "the slot is freed on failure");
+    }
+
+    /// What an open connection holds in user space is mostly its task, and the task is as large
+    /// as the largest step of `handle_connection`: the set-up steps are boxed (freed once
+    /// connected) so that the copy's step sets the size. It was 1,760 bytes before (3.01 KiB
+    /// per idle connection in `bench/run.sh`); now 2.40 KiB.
+    #[tokio::test]
+    async fn an_open_connections_task_state_stays_small() {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (manager, _metrics) = manager(1, front.local_addr().unwrap()).await;
+        let (_client, server, peer) = accepted_pair(&front).await;
+        let connection = manager.create_connection(server, peer, front.local_addr().unwrap()).unwrap();
+        let state = std::mem::size_of_val(&manager.handle_connection(connection));
+        assert!(state <= 1280, "handle_connection's state is {state} bytes");
     }
 }
