@@ -765,4 +765,20 @@ mod tests {
         assert_eq!(manager.pool_stats().size, 1);
         assert_eq!(manager.pool_stats().rejected_inserts, 0);
     }
+
+    /// A session's memory is mostly its reply task and its `UdpConnection`: 100,000 sessions is
+    /// an ordinary load, so both have a bound (368 and 296 bytes now; 1,695 B per session in
+    /// `bench/udp.sh` with the pool entry, the socket's registration and allocator overhead).
+    #[tokio::test]
+    async fn a_sessions_task_state_stays_small() {
+        let backend = answering_backend().await;
+        let (manager, _metrics) = manager(10, backend);
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (source, local) = (client.local_addr().unwrap(), manager.local_addr());
+        let session = manager.create_connection(UdpClient::default(), source, local).unwrap();
+        let state = std::mem::size_of_val(&manager.handle_connection(session));
+        assert!(state <= 400, "handle_connection's state is {state} bytes");
+        let session = std::mem::size_of::<UdpConnection>();
+        assert!(session <= 320, "a UdpConnection is {session} bytes");
+    }
 }
