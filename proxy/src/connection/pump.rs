@@ -167,16 +167,7 @@ impl Half {
     ) -> Result<usize, Failure> {
         let n = read_drained(src, buf).map_err(Failure::Read)?;
         if n == 0 {
-            // A reset that arrived while data was still queued is reported by a later read as
-            // an end of stream (the kernel checks for the end before the pending error): look
-            // for the error, so a reset is not mistaken for a clean finish.
-            if let Ok(Some(reset)) = src.take_error() {
-                return Err(Failure::Read(reset));
-            }
-            self.read_done = true;
-            self.finished_at = Some(Instant::now());
-            self.finish_if_drained(dst, other_done)?;
-            return Ok(0);
+            return self.source_ended(src, dst, other_done);
         }
         self.bytes += n as u64;
         self.splicing = n == buf.len();
@@ -209,13 +200,7 @@ impl Half {
             if let Some(pipe) = self.pipe.take() {
                 pipe.give_back();
             }
-            if let Ok(Some(reset)) = src.take_error() {
-                return Err(Failure::Read(reset));
-            }
-            self.read_done = true;
-            self.finished_at = Some(Instant::now());
-            self.finish_if_drained(dst, other_done)?;
-            return Ok(0);
+            return self.source_ended(src, dst, other_done);
         }
         self.bytes += n as u64;
         self.piped = n;
@@ -224,6 +209,21 @@ impl Half {
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(Failure::Write(e)),
             _ => Ok(n),
         }
+    }
+
+    /// A read (or splice) found the end of `src`'s stream: Ok(0) and the half-close passed on,
+    /// or the reset behind it.
+    fn source_ended(&mut self, src: &TcpStream, dst: &TcpStream, other_done: bool) -> Result<usize, Failure> {
+        // A reset that arrived while data was still queued is reported by a later read as an
+        // end of stream (the kernel checks for the end before the pending error): look for the
+        // error, so a reset is not mistaken for a clean finish.
+        if let Ok(Some(reset)) = src.take_error() {
+            return Err(Failure::Read(reset));
+        }
+        self.read_done = true;
+        self.finished_at = Some(Instant::now());
+        self.finish_if_drained(dst, other_done)?;
+        Ok(0)
     }
 
     /// Moves the pipe's bytes on to `dst` until it is empty (then the pipe is given back,

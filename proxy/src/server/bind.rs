@@ -1,6 +1,7 @@
-//! Listening sockets. Listeners get a group of `SO_REUSEPORT` sockets, one per worker thread;
-//! TCP and UDP share the set-up (address reuse, so a restart does not wait out TIME_WAIT;
-//! non-blocking; bind) and differ only in what follows. The admin server has one socket.
+//! Listening sockets, for every worker thread: a TCP listener is one socket with a descriptor
+//! per worker, a UDP listener a group of `SO_REUSEPORT` sockets, one per worker. They share the
+//! set-up (address reuse, so a restart does not wait out TIME_WAIT; non-blocking; bind). The
+//! admin server has one socket.
 
 use std::{io, net::SocketAddr};
 
@@ -44,20 +45,45 @@ pub fn tcp(address: SocketAddr) -> Result<TcpListener, BindError> {
     listen().map_err(BindError::at(address))
 }
 
-/// `count` listening TCP sockets on one address, all with `SO_REUSEPORT`, so that the kernel
-/// spreads new connections over them (one per worker thread, see `workers`). A port of 0
-/// is chosen by the first bind and taken by the others. Not registered with a runtime: each is
-/// handed to the worker that accepts from it.
+/// A listening TCP socket for `count` workers: one socket, bound exclusively (a second proxy on
+/// the same address gets "address in use", atomically), and `count` descriptors of it, one for
+/// each worker to register with its own runtime and accept from. A new connection wakes every
+/// idle worker; one accepts it, the others find nothing. Not registered with a runtime here.
 ///
-/// `SO_REUSEPORT` lets another socket of the same user join the group, so a second proxy
-/// started by the same user on the same address shares its connections instead of failing to
-/// bind (as with nginx's and HAProxy's `reuseport`); a socket without the option, or of
-/// another user, still makes the bind fail.
-pub fn tcp_group(address: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>, BindError> {
-    group(address, count, Type::STREAM, |socket| {
+/// Not a `SO_REUSEPORT` group as for UDP ([`udp_group`]): a group can be joined by any socket
+/// of the same user, so two proxies applying the same address at the same moment would both
+/// bind it and split its connections; a check before binding ([`refuse_if_taken`]) cannot
+/// close that window.
+pub fn tcp_shared(address: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>, BindError> {
+    let listen = || {
+        let socket = bound(address, Type::STREAM, false)?;
         socket.listen(LISTEN_BACKLOG)?;
-        Ok(socket.into())
-    })
+        let socket: std::net::TcpListener = socket.into();
+        let mut shared = Vec::with_capacity(count.max(1));
+        for _ in 1..count.max(1) {
+            shared.push(socket.try_clone()?);
+        }
+        shared.push(socket);
+        Ok(shared)
+    };
+    listen().map_err(BindError::at(address))
+}
+
+/// Fails, as one socket's bind would, when another socket holds `address`: with
+/// `SO_REUSEPORT` a second process of the same user (say, a second proxy started on the same
+/// file) would otherwise join the group silently and take a share of the traffic. A socket
+/// without `SO_REUSEPORT` is bound and closed at once to find out (for TCP with
+/// `SO_REUSEADDR`, so an earlier run's TIME_WAIT connections do not count; for UDP without it,
+/// since on UDP it would let the probe share the port). Best effort: a second process binding
+/// the address at the same moment can still pass it (before `SO_REUSEPORT`, UDP listeners
+/// could be shared through `SO_REUSEADDR` alone).
+fn refuse_if_taken(address: SocketAddr, kind: Type) -> io::Result<()> {
+    if address.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(Domain::for_address(address), kind, None)?;
+    probe.set_reuse_address(kind == Type::STREAM)?;
+    probe.bind(&address.into())
 }
 
 /// `count` sockets of `kind` bound to `address` with `SO_REUSEPORT`, each finished by `ready`;
@@ -68,6 +94,7 @@ fn group<T>(
     kind: Type,
     ready: impl Fn(Socket) -> io::Result<T>,
 ) -> Result<Vec<T>, BindError> {
+    refuse_if_taken(address, kind).map_err(BindError::at(address))?;
     let mut at = address;
     let mut open = || {
         let socket = bound(at, kind, true)?;
@@ -78,11 +105,40 @@ fn group<T>(
 }
 
 /// A UDP listener's sockets: `count` of them on one address with `SO_REUSEPORT` (one per worker
-/// thread; the kernel hashes each client's address to one socket), as [`tcp_group`] does for
-/// TCP. Their receive buffers stay at the kernel default (net.core.rmem_default) unless
+/// thread; the kernel hashes each client's address to one socket, so a session's datagrams are
+/// read on one thread). Their receive buffers stay at the kernel default (net.core.rmem_default) unless
 /// `receiveBufferBytes` says otherwise: a larger one absorbs bursts of new clients, but under
 /// a flood it only queues datagrams that the rest of the path cannot carry, and delivered
 /// throughput fell by half in the benchmark.
 pub fn udp_group(address: SocketAddr, count: usize) -> Result<Vec<std::net::UdpSocket>, BindError> {
     group(address, count, Type::DGRAM, |socket| Ok(socket.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_binds_one_port_for_all_its_workers_and_a_second_one_on_it_is_refused() {
+        let tcp = tcp_shared("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let at = tcp[0].local_addr().unwrap();
+        assert!(tcp.len() == 3 && tcp.iter().all(|s| s.local_addr().unwrap() == at));
+        let again = tcp_shared(at, 2).expect_err("the address is taken");
+        assert_eq!(again.source.kind(), io::ErrorKind::AddrInUse, "{again}");
+
+        let udp = udp_group("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let at = udp[0].local_addr().unwrap();
+        assert_eq!(udp[1].local_addr().unwrap(), at);
+        let again = udp_group(at, 2).expect_err("the address is taken");
+        assert_eq!(again.source.kind(), io::ErrorKind::AddrInUse, "{again}");
+    }
+
+    #[test]
+    fn a_listener_binds_an_address_that_was_freed() {
+        let at = udp_group("127.0.0.1:0".parse().unwrap(), 2).unwrap()[0].local_addr().unwrap();
+        // The group above is dropped: its sockets are closed.
+        assert_eq!(udp_group(at, 2).unwrap().len(), 2);
+        let at = tcp_shared("127.0.0.1:0".parse().unwrap(), 2).unwrap()[0].local_addr().unwrap();
+        assert_eq!(tcp_shared(at, 2).unwrap().len(), 2);
+    }
 }

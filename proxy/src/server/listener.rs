@@ -67,7 +67,7 @@ impl Health {
 /// A new listener, bound and with its manager built: everything that can fail is done, and
 /// starting it only spawns its loops.
 pub(super) enum Bound {
-    /// One socket per worker.
+    /// The listening socket, a descriptor of it per worker.
     Tcp(Vec<std::net::TcpListener>, Arc<TcpConnectionManager>),
     /// One reader per UDP worker.
     Udp(Vec<std::net::UdpSocket>, Arc<UdpConnectionManager>),
@@ -85,7 +85,7 @@ impl Bound {
         let settings = ListenerSettings::new(listener.clone(), None, metrics);
         Ok(match listener.protocol {
             Protocol::Tcp => Self::Tcp(
-                bind::tcp_group(listener.address, workers.len())?,
+                bind::tcp_shared(listener.address, workers.len())?,
                 Arc::new(TcpConnectionManager::new(settings, cut.clone())),
             ),
             Protocol::Udp => {
