@@ -526,11 +526,13 @@ async fn a_client_reset_reaches_the_backend_as_a_reset() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
-async fn a_tcp_listener_is_one_socket_accepted_by_every_worker_and_each_connection_served() {
+async fn a_tcp_listener_has_a_socket_per_worker_and_every_one_is_served() {
     let echo = Echo::start().await;
     let (_proxy, address) = proxy_to(&[echo.address], "").await;
-    // One socket (a second proxy on the address is refused at bind), a descriptor per worker.
-    assert_eq!(sockets_bound_at(address, socket2::Type::STREAM), 1, "one listening socket");
+    assert_eq!(sockets_bound_at(address, socket2::Type::STREAM), 3, "one SO_REUSEPORT socket per worker");
+    // The kernel spreads connections over the sockets by their addresses: with 60 of them,
+    // each socket gets some (all but certainly), and one whose worker did not accept would
+    // leave its connections unanswered.
     let mut clients = Vec::new();
     for _ in 0..60 {
         clients.push(echo_through(address).await);
@@ -539,4 +541,16 @@ async fn a_tcp_listener_is_one_socket_accepted_by_every_worker_and_each_connecti
         assert_eq!(round_trip(client, b"again").await, b"again");
     }
     assert_eq!(echo.accepted(), 60);
+}
+
+#[tokio::test]
+async fn a_second_proxy_on_a_listeners_address_cannot_bind_it() {
+    let echo = Echo::start().await;
+    let (_proxy, address) = proxy_to(&[echo.address], "").await;
+    let yaml =
+        format!("listeners:\n- name: web\n  address: '{address}'\n  backends: [{{address: '{}'}}]\n", echo.address);
+    let error =
+        Proxy::start(config(&yaml).await, Arc::new(l4proxy::metrics::Metrics::new())).await.err().expect("refused");
+    let chain = format!("{:#}", anyhow::Error::from(error));
+    assert!(chain.contains(&format!("cannot bind {address}")) && chain.contains("another l4proxy"), "{chain}");
 }

@@ -12,7 +12,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     accept::accept_loop,
-    bind::{self, BindError},
+    bind::{self, AddressLock, BindError},
     workers::Workers,
 };
 use crate::{
@@ -31,6 +31,8 @@ pub(super) struct RunningListener {
     pub manager: Arc<dyn ListenerManager>,
     pub health: Arc<Health>,
     stop_accepting: CancellationToken,
+    /// Keeps the address this listener's while it exists ([`bind::Group`]).
+    _lock: AddressLock,
 }
 
 impl RunningListener {
@@ -66,10 +68,15 @@ impl Health {
 
 /// A new listener, bound and with its manager built: everything that can fail is done, and
 /// starting it only spawns its loops.
-pub(super) enum Bound {
-    /// The listening socket, a descriptor of it per worker.
+pub(super) struct Bound {
+    kind: BoundKind,
+    lock: AddressLock,
+}
+
+enum BoundKind {
+    /// One listening socket per worker.
     Tcp(Vec<std::net::TcpListener>, Arc<TcpConnectionManager>),
-    /// One reader per UDP worker.
+    /// One reader per worker.
     Udp(Vec<std::net::UdpSocket>, Arc<UdpConnectionManager>),
 }
 
@@ -84,15 +91,16 @@ impl Bound {
     ) -> Result<Self, BindError> {
         let settings = ListenerSettings::new(listener.clone(), None, metrics);
         Ok(match listener.protocol {
-            Protocol::Tcp => Self::Tcp(
-                bind::tcp_shared(listener.address, workers.len())?,
-                Arc::new(TcpConnectionManager::new(settings, cut.clone())),
-            ),
+            Protocol::Tcp => {
+                let (sockets, lock) = bind::tcp_group(listener.address, workers.len())?.into_parts();
+                let manager = Arc::new(TcpConnectionManager::new(settings, cut.clone()));
+                Self { kind: BoundKind::Tcp(sockets, manager), lock }
+            }
             Protocol::Udp => {
-                let sockets = bind::udp_group(listener.address, workers.len())?;
+                let (sockets, lock) = bind::udp_group(listener.address, workers.len())?.into_parts();
                 let manager = UdpConnectionManager::new(settings, sockets).map_err(BindError::at(listener.address))?;
                 let readers = manager.readers().map_err(BindError::at(listener.address))?;
-                Self::Udp(readers, Arc::new(manager))
+                Self { kind: BoundKind::Udp(readers, Arc::new(manager)), lock }
             }
         })
     }
@@ -108,8 +116,8 @@ impl Bound {
         let stop = CancellationToken::new();
         let health = Arc::new(Health::default());
         let supervised = Supervised { listener: listener.name.as_str().into(), health: &health, stop: &stop, metrics };
-        let (local, manager): (_, Arc<dyn ListenerManager>) = match self {
-            Self::Tcp(sockets, manager) => {
+        let (local, manager): (_, Arc<dyn ListenerManager>) = match self.kind {
+            BoundKind::Tcp(sockets, manager) => {
                 let local = sockets.first().and_then(|s| s.local_addr().ok()).unwrap_or(listener.address);
                 for (socket, worker) in sockets.into_iter().zip(workers.handles()) {
                     let (manager, stop, connections) = (manager.clone(), stop.clone(), connections.clone());
@@ -120,7 +128,7 @@ impl Bound {
                 }
                 (local, manager)
             }
-            Self::Udp(readers, manager) => {
+            BoundKind::Udp(readers, manager) => {
                 for (i, (reader, worker)) in readers.into_iter().zip(workers.handles()).enumerate() {
                     let receive = manager.clone().receive(reader, i == 0, stop.clone(), connections.clone());
                     supervised.spawn_on(worker, "receive", receive);
@@ -136,6 +144,7 @@ impl Bound {
             manager,
             health,
             stop_accepting: stop,
+            _lock: self.lock,
         }
     }
 }

@@ -1,8 +1,8 @@
-//! The data-plane threads: one single-threaded tokio runtime per worker. Every worker accepts
-//! from each TCP listener (one socket, a descriptor per worker: [`super::bind::tcp_shared`]) and
-//! reads its own socket of each UDP listener (a `SO_REUSEPORT` group, the kernel hashing
-//! clients by address: [`super::bind::udp_group`]), and serves those connections and sessions
-//! to their end on its own thread. So their events never wake another thread, and nothing on their path
+//! The data-plane threads: one single-threaded tokio runtime per worker. Each listener has one
+//! `SO_REUSEPORT` socket per worker ([`super::bind::tcp_group`], [`super::bind::udp_group`]);
+//! the kernel spreads new connections (and UDP clients, by address) over them, and a worker
+//! accepts or reads from its own socket and serves those connections and sessions to their end
+//! on its own thread. So their events never wake another thread, and nothing on their path
 //! crosses threads (tokio's multi-thread scheduler, which the rest of the proxy runs on: admin,
 //! control plane, reloads, re-resolution; hands tasks between workers and wakes parked ones
 //! to steal them, which cost a `futex` wake-up and a context switch per hand-off).
