@@ -24,6 +24,20 @@ bench_args() {
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
+port_listening() { [[ -n "$(ss -Htln "sport = :$1" 2>/dev/null)" ]]; }
+udp_bound() { [[ -n "$(ss -Huln "sport = :$1" 2>/dev/null)" ]]; }
+wait_bound() { # check port pid what: until `check port` holds (10 s max) while the process lives
+  local check=$1 port=$2 pid=$3 what=$4 i
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$pid" 2>/dev/null || die "$what (pid $pid) exited during startup; see $RAW"
+    "$check" "$port" && return 0
+    sleep 0.1
+  done
+  die "$what: 127.0.0.1:$port not bound ($check) within 10 s; see $RAW"
+}
+wait_port() { wait_bound port_listening "$@"; } # port pid what: TCP, listening
+wait_udp() { wait_bound udp_bound "$@"; }       # port pid what: UDP, bound
+
 # Process bookkeeping: everything started goes into PIDS and is stopped on exit, with its
 # process group when it leads one (started with setsid: socat's children, nginx workers).
 PIDS=()

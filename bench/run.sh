@@ -113,27 +113,7 @@ CLK_TCK=$(getconf CLK_TCK)
 # ---------------------------------------------------------------------------------------------
 bench_traps
 
-port_listening() { [[ -n "$(ss -Htln "sport = :$1" 2>/dev/null)" ]]; }
-udp_bound() { [[ -n "$(ss -Huln "sport = :$1" 2>/dev/null)" ]]; }
-
-wait_port() { # port pid what: until the port listens (10 s max) and the process is alive
-  local port=$1 pid=$2 what=$3 i
-  for ((i = 0; i < 100; i++)); do
-    kill -0 "$pid" 2>/dev/null || die "$what (pid $pid) exited during startup; see $RAW"
-    port_listening "$port" && return 0
-    sleep 0.1
-  done
-  die "$what did not listen on 127.0.0.1:$port within 10 s; see $RAW"
-}
-wait_udp() { # port pid what: until the UDP port is bound (10 s max) and the process is alive
-  local port=$1 pid=$2 what=$3 i
-  for ((i = 0; i < 100; i++)); do
-    kill -0 "$pid" 2>/dev/null || die "$what (pid $pid) exited during startup; see $RAW"
-    udp_bound "$port" && return 0
-    sleep 0.1
-  done
-  die "$what did not bind 127.0.0.1:$port/udp within 10 s; see $RAW"
-}
+# port_listening, udp_bound, wait_port, wait_udp: bench/lib.sh
 
 cpu_ticks() { # pid -> utime+stime of the whole process, in clock ticks
   local stat

@@ -78,18 +78,7 @@ CLK_TCK=$(getconf CLK_TCK)
 # ---------------------------------------------------------------------------------------------
 bench_traps
 
-udp_bound() { [[ -n "$(ss -Huln "sport = :$1" 2>/dev/null)" ]]; }
-tcp_listening() { [[ -n "$(ss -Htln "sport = :$1" 2>/dev/null)" ]]; }
-
-wait_udp() { # port pid what: until the UDP port is bound (10 s max) and the process is alive
-  local port=$1 pid=$2 what=$3 i
-  for ((i = 0; i < 100; i++)); do
-    kill -0 "$pid" 2>/dev/null || die "$what (pid $pid) exited during startup; see $RAW"
-    udp_bound "$port" && return 0
-    sleep 0.1
-  done
-  die "$what did not bind 127.0.0.1:$port/udp within 10 s; see $RAW"
-}
+# udp_bound, port_listening, wait_udp: bench/lib.sh
 
 # Processes that make up a path: the proxy's pids (nginx: master and workers; socat: the
 # whole process group, children included).
@@ -129,7 +118,7 @@ if ((SESSIONS + 1000 > NOFILE)); then
   SESSIONS=$((NOFILE - 1000))
 fi
 for p in "${UDP_PORTS[@]}"; do udp_bound "$p" && die "port $p/udp is in use (set UDP_BASE_PORT)"; done
-for p in "${TCP_PORTS[@]}"; do tcp_listening "$p" && die "port $p/tcp is in use (set UDP_BASE_PORT)"; done
+for p in "${TCP_PORTS[@]}"; do port_listening "$p" && die "port $p/tcp is in use (set UDP_BASE_PORT)"; done
 
 # ---------------------------------------------------------------------------------------------
 # Binaries.
@@ -167,7 +156,7 @@ EOF
   PIDS+=("$L4_STARTED")
   wait_udp "$port" "$L4_STARTED" "l4proxy ($name)"
   local i
-  for ((i = 0; i < 100; i++)); do tcp_listening "$admin" && break; sleep 0.1; done
+  for ((i = 0; i < 100; i++)); do port_listening "$admin" && break; sleep 0.1; done
 }
 
 start_nginx() { # name port [bind4] -> NGX_STARTED master pid
