@@ -404,7 +404,6 @@ impl UdpConnectionManager {
         }
     }
 
-    /// Sends a backend's reply to the client, from the local address the client wrote to.
     /// Reads one batch of `session`'s backend replies into `buffers` and sends each to its
     /// client: the datagrams read (reading stops at the first error).
     fn relay_replies(&self, session: &UdpConnection, buffers: &mut [u8]) -> io::Result<usize> {
@@ -429,6 +428,7 @@ impl UdpConnectionManager {
         Ok(count)
     }
 
+    /// Sends a backend's reply to the client, from the local address the client wrote to.
     fn send_down(&self, client: SocketAddr, local: IpAddr, data: &[u8]) -> bool {
         let transmit =
             Transmit { destination: client, ecn: None, contents: data, segment_size: None, src_ip: Some(local) };
