@@ -288,9 +288,6 @@ fn decided(result: TcpProbe) -> TcpProbe {
 /// Sends what must reach the backend before the copy starts: a PROXY header and the bytes read
 /// while probing. Bounded by the idle timeout, like any write.
 async fn send_early(backend: &mut TcpStream, early: &[u8], idle: Duration) -> std::io::Result<()> {
-    if early.is_empty() {
-        return Ok(());
-    }
     match tokio::time::timeout(idle, backend.write_all(early)).await {
         Ok(result) => result,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),

@@ -235,21 +235,10 @@ impl UdpConnectionManager {
                 _ = sweep.tick(), if sweeps => { self.sweep(&sessions); continue; }
                 ready = socket.readable() => ready?,
             }
-            // A batch short of RECV_BATCH emptied the queue: its readiness is cleared here, as
-            // a `WouldBlock` would, which saves the next `recvmmsg` that would only return
-            // `EAGAIN` (edge-triggered: a datagram arriving later raises readiness again).
-            let mut drained = 0;
-            let received = socket.try_io(Interest::READABLE, || {
-                let count = self.state.recv(UdpSockRef::from(&socket), &mut slices, &mut metas)?;
-                if count < RECV_BATCH {
-                    drained = count;
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(count)
-            });
+            let received =
+                recv_batch(&socket, RECV_BATCH, || self.state.recv(UdpSockRef::from(&socket), &mut slices, &mut metas));
             let count = match received {
-                Ok(count) => count,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && drained > 0 => drained,
+                Ok((count, _)) => count,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(error) => {
                     // e.g. an ICMP error queued on the socket; the next read goes on.
@@ -501,6 +490,28 @@ fn effective_receive_buffer(socket: &std::net::UdpSocket) -> io::Result<usize> {
     Ok(socket2::SockRef::from(socket).recv_buffer_size()? / 2)
 }
 
+/// Runs `recv`, one batched read of at most `batch` datagrams from `socket`, under its read
+/// readiness: `(count, drained)`, or `WouldBlock` when nothing was queued. A batch short of
+/// `batch` emptied the queue (`drained`), so readiness is cleared then, as a `WouldBlock` would,
+/// which saves the next `recvmmsg` that would only return `EAGAIN` (edge-triggered: a datagram
+/// arriving later raises readiness again).
+fn recv_batch(socket: &UdpSocket, batch: usize, recv: impl FnOnce() -> io::Result<usize>) -> io::Result<(usize, bool)> {
+    let mut short = 0;
+    let received = socket.try_io(Interest::READABLE, || {
+        let count = recv()?;
+        if count < batch {
+            short = count;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(count)
+    });
+    match received {
+        Ok(count) => Ok((count, false)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok((short, true)),
+        Err(e) => Err(e),
+    }
+}
+
 fn expiry(settings: &ListenerSettings) -> Expiry {
     let limits = settings.limits();
     Expiry { idle: limits.idle_timeout.get(), max_age: limits.max_connection_duration.map(|d| d.get()) }
@@ -617,23 +628,17 @@ impl ConnectionManager for UdpConnectionManager {
             // others), marking the session used once per batch rather than per datagram.
             let mut relayed = 0;
             while relayed < REPLY_BATCH {
-                // A batch short of REPLY_RECV_BATCH emptied the queue: readiness is cleared, as
-                // on the listener (see `receive`), saving a `recvmmsg` that would find nothing.
-                let mut drained = 0;
-                let received = session.upstream.try_io(Interest::READABLE, || {
-                    let count = REPLIES.with_borrow_mut(|buffers| self.relay_replies(&session, buffers))?;
-                    if count < REPLY_RECV_BATCH {
-                        drained = count;
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(count)
+                let received = recv_batch(&session.upstream, REPLY_RECV_BATCH, || {
+                    REPLIES.with_borrow_mut(|buffers| self.relay_replies(&session, buffers))
                 });
                 match received {
-                    Ok(count) => relayed += count,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        relayed += drained;
-                        break;
+                    Ok((count, drained)) => {
+                        relayed += count;
+                        if drained {
+                            break;
+                        }
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     // ICMP port unreachable from the backend surfaces here; the session stays
                     // until it idles out, as the backend may come back.
                     Err(error) => {

@@ -87,14 +87,8 @@ pub fn udp_group(address: SocketAddr, count: usize) -> Result<Group<std::net::Ud
 /// same moment.
 pub struct Group<T> {
     pub sockets: Vec<T>,
-    lock: UnixDatagram,
-}
-
-impl<T> Group<T> {
-    /// The sockets, and the lock to hold as long as any of them is open.
-    pub fn into_parts(self) -> (Vec<T>, AddressLock) {
-        (self.sockets, AddressLock(self.lock))
-    }
+    /// To hold as long as any of the sockets is open.
+    pub lock: AddressLock,
 }
 
 /// Keeps a listener's address exclusive while held ([`Group`]).
@@ -102,14 +96,15 @@ impl<T> Group<T> {
 pub struct AddressLock(#[allow(dead_code)] UnixDatagram);
 
 /// Takes the lock on `address` for `kind`.
-fn lock(address: SocketAddr, kind: Type) -> io::Result<UnixDatagram> {
+fn lock(address: SocketAddr, kind: Type) -> io::Result<AddressLock> {
     let protocol = if kind == Type::STREAM { "tcp" } else { "udp" };
     let name = format!("l4proxy/{protocol}/{address}");
     match UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(name.as_bytes())?) {
+        Ok(socket) => Ok(AddressLock(socket)),
         Err(error) if error.kind() == io::ErrorKind::AddrInUse => {
             Err(io::Error::new(io::ErrorKind::AddrInUse, "another l4proxy listens on this address"))
         }
-        other => other,
+        Err(error) => Err(error),
     }
 }
 

@@ -92,12 +92,12 @@ impl Bound {
         let settings = ListenerSettings::new(listener.clone(), None, metrics);
         Ok(match listener.protocol {
             Protocol::Tcp => {
-                let (sockets, lock) = bind::tcp_group(listener.address, workers.len())?.into_parts();
+                let bind::Group { sockets, lock } = bind::tcp_group(listener.address, workers.len())?;
                 let manager = Arc::new(TcpConnectionManager::new(settings, cut.clone()));
                 Self { kind: BoundKind::Tcp(sockets, manager), lock }
             }
             Protocol::Udp => {
-                let (sockets, lock) = bind::udp_group(listener.address, workers.len())?.into_parts();
+                let bind::Group { sockets, lock } = bind::udp_group(listener.address, workers.len())?;
                 let manager = UdpConnectionManager::new(settings, sockets).map_err(BindError::at(listener.address))?;
                 let readers = manager.readers().map_err(BindError::at(listener.address))?;
                 Self { kind: BoundKind::Udp(readers, Arc::new(manager)), lock }
