@@ -55,6 +55,12 @@ async fn after_an_api_server_stall_leadership_ends_on_time_and_a_change_is_writt
     // The lease cannot be renewed: leadership ends at the renew deadline (4 s here), and the
     // gauge says so while the API server is still frozen.
     wait_for("leadership to end", TIMEOUT, || async { (!operator.leadership.is_leader()).then_some(()) }).await;
+    // `is_leader` follows the clock (the lease's deadline passed); the gauge follows when the
+    // elector's loop notices, a moment later.
+    wait_for("the leader gauge to follow", TIMEOUT, || async {
+        operator.metrics.encode().contains("l4proxy_operator_leader 0\n").then_some(())
+    })
+    .await;
     assert!(operator.metrics.encode().contains("l4proxy_operator_leader 0\n"));
     drop(frozen);
 
