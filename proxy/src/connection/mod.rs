@@ -262,8 +262,17 @@ where
     M: ConnectionManager + 'static,
     M::Connection: 'static,
 {
+    tracker.spawn(serving(manager, connection));
+}
+
+/// The task [`serve`] spawns (its size is what every open connection costs, so tests bound it).
+pub(crate) fn serving<M>(manager: Arc<M>, connection: M::Connection) -> impl Future<Output = ()>
+where
+    M: ConnectionManager + 'static,
+    M::Connection: 'static,
+{
     let settings = connection.settings().clone();
-    tracker.spawn(async move {
+    async move {
         match AssertUnwindSafe(manager.handle_connection(connection)).catch_unwind().await {
             Ok(metrics) => record(&settings.metrics, &metrics),
             Err(panic) => {
@@ -281,7 +290,7 @@ where
                 );
             }
         }
-    });
+    }
 }
 
 #[cfg(test)]

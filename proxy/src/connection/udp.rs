@@ -25,7 +25,7 @@ use std::{
 use arc_swap::ArcSwap;
 use dashmap::{DashMap, mapref::entry::Entry};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use tokio::{io::Interest, net::UdpSocket, sync::Notify, time::Instant};
+use tokio::{io::Interest, net::UdpSocket, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
@@ -42,6 +42,8 @@ use crate::{
     routing::Probed,
 };
 
+/// `UdpConnection::ended` while the session is open (no `CloseReason` index).
+const OPEN: u8 = u8::MAX;
 /// Datagrams read per receive call.
 const RECV_BATCH: usize = 8;
 /// Largest datagram (IPv4 UDP payload limit); also each receive buffer's size.
@@ -91,11 +93,9 @@ pub struct UdpConnection {
     bytes_up: AtomicU64,
     datagrams_down: AtomicU64,
     bytes_down: AtomicU64,
-    /// `CloseReason` index, set by whoever ends the session, before it signals the end.
-    reason: AtomicU8,
-    /// Signalled once, when the session leaves the pool (expiry, reload, shutdown).
-    /// `notify_one` keeps a permit, so the signal is not lost while the task is busy.
-    ended: Notify,
+    /// [`OPEN`] until the session leaves the pool (expiry, reload, shutdown); then the
+    /// `CloseReason` index of whoever ended it first.
+    ended: AtomicU8,
     /// Taken by the one caller that runs the reply task (two receive loops may both create a
     /// new client's session; the second gets the first one's).
     relay_claimed: AtomicBool,
@@ -117,10 +117,30 @@ impl UdpConnection {
         &self.info
     }
 
-    /// Ends the session: its reply task stops and reports `reason`.
+    /// Ends the session: its reply task stops and reports `reason` (the first one given, when
+    /// two callers end it at once).
+    ///
+    /// The end signal is the upstream socket itself: shutting its read side makes the kernel
+    /// report it readable and read-closed for good, which wakes the reply task where it waits
+    /// (on any thread, and also when it was busy: the read-closed readiness is never cleared).
+    /// A session holds no waker or wait-list node of its own for this.
     fn end(&self, reason: CloseReason) {
-        self.reason.store(reason.index() as u8, Ordering::Relaxed);
-        self.ended.notify_one();
+        if self.ended.compare_exchange(OPEN, reason.index() as u8, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return;
+        }
+        // Connected sockets accept SHUT_RD; should the kernel refuse, the task ends at its
+        // next reply instead, so say so.
+        if let Err(error) = socket2::SockRef::from(&self.upstream).shutdown(std::net::Shutdown::Read) {
+            tracing::error!(%error, client = %self.info.context.source, "cannot wake an ended UDP session's reply task");
+        }
+    }
+
+    /// Why the session ended, once it has.
+    fn ended(&self) -> Option<CloseReason> {
+        match self.ended.load(Ordering::Acquire) {
+            OPEN => None,
+            index => CloseReason::from_index(usize::from(index)),
+        }
     }
 
     /// True for the one caller that should run the reply task.
@@ -597,8 +617,7 @@ impl ConnectionManager for UdpConnectionManager {
             bytes_up: AtomicU64::new(0),
             datagrams_down: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
-            reason: AtomicU8::new(CloseReason::Shutdown.index() as u8),
-            ended: Notify::new(),
+            ended: AtomicU8::new(OPEN),
             relay_claimed: AtomicBool::new(false),
         });
         match self.pool.insert_admitted((source, destination), session.clone(), slot) {
@@ -613,16 +632,14 @@ impl ConnectionManager for UdpConnectionManager {
     /// Relays the backend's replies to the client until the session ends (expired, removed,
     /// or shutdown), then reports it.
     async fn handle_connection(&self, session: Arc<UdpConnection>) -> ConnectionMetrics {
-        let (client, local) = (session.info.context.source, session.info.context.destination);
         // Should this task die, the session leaves the pool with it (the guard runs as it unwinds).
         let _leave = LeaveOnUnwind { pool: &self.pool, session: &session };
-        // One registration for the task's life (`end` stores a permit, so none is missed).
-        let mut ended = std::pin::pin!(session.ended.notified());
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut ended => break,
-                ready = session.upstream.readable() => if ready.is_err() { break },
+        // Waits through the socket's own reader slot (no future to keep between wakeups);
+        // `end` wakes it through the same readiness.
+        while session.ended().is_none() {
+            let ready = std::future::poll_fn(|cx| session.upstream.poll_recv_ready(cx)).await;
+            if ready.is_err() || session.ended().is_some() {
+                break;
             }
             // Drain what is queued (bounded per wakeup, so one busy session cannot starve the
             // others), marking the session used once per batch rather than per datagram.
@@ -649,11 +666,13 @@ impl ConnectionManager for UdpConnectionManager {
             }
             if relayed > 0 {
                 // An entry that expired meanwhile stays expired; the sweep ends it.
-                self.pool.touch(&(client, local));
+                // The key is built here, not kept: the task's state is kept small.
+                self.pool.touch(&(session.info.context.source, session.info.context.destination));
             }
         }
-        let reason = CloseReason::from_index(usize::from(session.reason.load(Ordering::Relaxed)))
-            .expect("only close reasons are stored");
+        // Ended by `end`, or by the runtime's I/O driver going away (the only error waiting
+        // for readiness has), which happens only as the proxy shuts down.
+        let reason = session.ended().unwrap_or(CloseReason::Shutdown);
         let mut report = ConnectionMetrics::new(session.info.context.clone());
         report.backend_name = Some(session.lease.backend().address().clone());
         report.backend = Some(session.info.backend);
@@ -681,6 +700,7 @@ impl ConnectionManager for UdpConnectionManager {
 mod tests {
     use super::*;
     use crate::config::check;
+    use tokio::task::JoinHandle;
 
     /// A manager for a listener on a fresh loopback socket, sending to `backend`.
     fn manager(max: u32, backend: SocketAddr) -> (Arc<UdpConnectionManager>, Metrics) {
@@ -735,6 +755,46 @@ mod tests {
         assert_eq!(manager.connection_count(), 0);
     }
 
+    /// A session whose backend says nothing: its reply task waits, with nothing to wake it but
+    /// the end.
+    async fn waiting_session(
+        manager: &Arc<UdpConnectionManager>,
+    ) -> (Arc<UdpConnection>, JoinHandle<ConnectionMetrics>) {
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let session = manager
+            .create_connection(UdpClient::default(), client.local_addr().unwrap(), manager.local_addr())
+            .unwrap();
+        let relay = tokio::spawn({
+            let (manager, session) = (manager.clone(), session.clone());
+            async move { manager.handle_connection(session).await }
+        });
+        // On this current-thread runtime the reply task runs until it waits.
+        tokio::task::yield_now().await;
+        assert!(!relay.is_finished());
+        (session, relay)
+    }
+
+    #[tokio::test]
+    async fn ending_a_waiting_session_from_another_thread_wakes_its_reply_task() {
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (manager, _metrics) = manager(10, silent.local_addr().unwrap());
+        let (session, relay) = waiting_session(&manager).await;
+        std::thread::spawn(move || session.end(CloseReason::Evicted)).join().unwrap();
+        let report = tokio::time::timeout(Duration::from_secs(10), relay).await.expect("the task woke").unwrap();
+        assert_eq!(report.close_reason, CloseReason::Evicted);
+    }
+
+    #[tokio::test]
+    async fn a_session_ended_twice_reports_the_first_reason() {
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (manager, _metrics) = manager(10, silent.local_addr().unwrap());
+        let (session, relay) = waiting_session(&manager).await;
+        session.end(CloseReason::IdleTimeout);
+        session.end(CloseReason::Shutdown);
+        let report = tokio::time::timeout(Duration::from_secs(10), relay).await.unwrap().unwrap();
+        assert_eq!(report.close_reason, CloseReason::IdleTimeout);
+    }
+
     #[tokio::test]
     async fn udp_sessions_beyond_the_limit_are_refused_and_the_place_comes_back() {
         let (manager, _metrics) = manager(1, "127.0.0.1:9".parse().unwrap());
@@ -772,8 +832,9 @@ mod tests {
     }
 
     /// A session's memory is mostly its reply task and its `UdpConnection`: 100,000 sessions is
-    /// an ordinary load, so both have a bound (368 and 296 bytes now; 1,695 B per session in
-    /// `bench/udp.sh` with the pool entry, the socket's registration and allocator overhead).
+    /// an ordinary load, so both have a bound (state 64 bytes, 96 with the task's wrapper, and
+    /// 264; 1,419 B per session in `bench/udp.sh` with the pool entry, the socket's
+    /// registration and allocator overhead).
     #[tokio::test]
     async fn a_sessions_task_state_stays_small() {
         let backend = answering_backend().await;
@@ -781,9 +842,13 @@ mod tests {
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let (source, local) = (client.local_addr().unwrap(), manager.local_addr());
         let session = manager.create_connection(UdpClient::default(), source, local).unwrap();
-        let state = std::mem::size_of_val(&manager.handle_connection(session));
-        assert!(state <= 400, "handle_connection's state is {state} bytes");
+        let state = std::mem::size_of_val(&manager.handle_connection(session.clone()));
+        let task = std::mem::size_of_val(&super::super::serving(manager.clone(), session));
+        assert!(state <= 80, "handle_connection's state is {state} bytes");
+        // tokio rounds a task's cell (about 110 bytes of its own around the future) up to a
+        // multiple of 128 bytes: up to 144 bytes of future, the cell is 256.
+        assert!(task <= 144, "a session's task is {task} bytes");
         let session = std::mem::size_of::<UdpConnection>();
-        assert!(session <= 320, "a UdpConnection is {session} bytes");
+        assert!(session <= 272, "a UdpConnection is {session} bytes");
     }
 }
