@@ -46,6 +46,11 @@ use crate::{
 const OPEN: u8 = u8::MAX;
 /// Datagrams read per receive call.
 const RECV_BATCH: usize = 8;
+/// Receive calls a listener loop makes before it lets its worker's other tasks run. Under a
+/// flood its socket is never empty; without this the loop would run until tokio's budget
+/// (128 readiness polls, ~1,000 datagrams) ran out, and even then be queued again ahead of
+/// the I/O events, so the sessions' reply tasks starved and their replies were dropped.
+const BATCHES_PER_TURN: usize = 8;
 /// Largest datagram (IPv4 UDP payload limit); also each receive buffer's size.
 const MAX_DATAGRAM: usize = 65_535;
 /// Replies relayed per session wakeup before yielding to other sessions.
@@ -248,7 +253,15 @@ impl UdpConnectionManager {
             .clamp(Duration::from_millis(50), Duration::from_secs(1));
         let mut sweep = tokio::time::interval(sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Full batches read since the socket was last found empty.
+        let mut batches = 0;
         loop {
+            if batches >= BATCHES_PER_TURN {
+                batches = 0;
+                // Deferred until the worker has polled its I/O driver: the reply tasks it wakes
+                // run before this loop reads on.
+                tokio::task::yield_now().await;
+            }
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
@@ -258,8 +271,14 @@ impl UdpConnectionManager {
             let received =
                 recv_batch(&socket, RECV_BATCH, || self.state.recv(UdpSockRef::from(&socket), &mut slices, &mut metas));
             let count = match received {
-                Ok((count, _)) => count,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok((count, drained)) => {
+                    batches = if drained { 0 } else { batches + 1 };
+                    count
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    batches = 0;
+                    continue;
+                }
                 Err(error) => {
                     // e.g. an ICMP error queued on the socket; the next read goes on.
                     tracing::debug!(%error, "UDP receive error");
@@ -793,6 +812,34 @@ mod tests {
         session.end(CloseReason::Shutdown);
         let report = tokio::time::timeout(Duration::from_secs(10), relay).await.unwrap().unwrap();
         assert_eq!(report.close_reason, CloseReason::IdleTimeout);
+    }
+
+    #[tokio::test]
+    async fn a_flooded_listener_loop_lets_the_workers_other_tasks_run_after_a_turn_of_batches() {
+        let (manager, _metrics) = manager(10, "127.0.0.1:9".parse().unwrap());
+        // More than two turns' worth, queued before the loop starts (loopback delivers within
+        // the send): the socket stays full for the whole first turn, as under a flood.
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..2 * BATCHES_PER_TURN * RECV_BATCH + 1 {
+            client.send_to(b"x", manager.local_addr()).unwrap();
+        }
+        let (stop, sessions) = (CancellationToken::new(), TaskTracker::new());
+        let reader = manager.readers().unwrap().remove(0);
+        let receive = tokio::spawn(manager.clone().receive(reader, false, stop.clone(), sessions.clone()));
+        // On this current-thread runtime: waits, as the loop does, for the driver's first poll
+        // (which finds the socket readable), and then runs when the loop lets it.
+        let read_before_other_tasks_ran = tokio::spawn({
+            let manager = manager.clone();
+            async move {
+                tokio::task::yield_now().await;
+                manager.settings().metrics.datagrams_received.get()
+            }
+        });
+        let read = read_before_other_tasks_ran.await.unwrap();
+        assert_eq!(read, (BATCHES_PER_TURN * RECV_BATCH) as u64, "datagrams read in the loop's first turn");
+        stop.cancel();
+        receive.await.unwrap().unwrap();
+        manager.close_all();
     }
 
     #[tokio::test]
